@@ -1,0 +1,162 @@
+"""Partial convolution (Liu et al. 2018): re-weight each window by window size / valid pixels."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Self
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .geometry import AxisPlan, check_padding_mode, conv_kwargs, conv_plans, copy_conv_params
+from .masks import check_mask
+
+_CACHE_SIZE = 64
+
+
+def _ratio_strips(plan: AxisPlan) -> tuple[list[tuple[int, int, list[float]]], list[tuple[int, int]]]:
+    """Border strips of one axis where the ratio differs from 1, and the runs of positions with no valid tap."""
+    ratio = [plan.kernel / v if v else 0.0 for v in plan.valid]
+    head = min(plan.low, plan.out)
+    tail = max(plan.out - plan.high, head)
+    strips = [(a, b, ratio[a:b]) for a, b in ((0, head), (tail, plan.out)) if b > a]
+    dead: list[tuple[int, int]] = []
+    for i, v in enumerate(plan.valid):
+        if v == 0:
+            if dead and dead[-1][1] == i:
+                dead[-1] = (dead[-1][0], i + 1)
+            else:
+                dead.append((i, i + 1))
+    return strips, dead
+
+
+class PartialConv2d(nn.Conv2d):
+    """Partial convolution (Liu et al. 2018): re-weight each window by window size / valid pixels.
+
+    `forward(x)` is the padding mode of "Partial Convolution based Padding" (2018): zero padding counts as
+    invalid, `out = conv(x, W) * r + b` with `r = window / valid` (eq. 3.6 of the thesis). `r` depends only on
+    the position, is separable per axis and differs from 1 only in thin border strips, so only those strips
+    are touched after one ordinary convolution; the strips are cached per (H, W, device, dtype).
+
+    `forward(x, mask)` is the hole mode of the inpainting paper: `mask` is (N, 1, H, W), or (N, in_channels,
+    H, W) with `multi_channel=True`, 1 = valid. It returns `(out, updated_mask)` exactly as NVIDIA's
+    `PartialConv2d`: the input is masked, bias handled as `(raw - b) * ratio + b`, windows with no valid pixel
+    give 0 and a 0 mask. Mask arithmetic runs in fp32 whatever the autocast dtype, so fp16/bf16 stay finite.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        multi_channel: bool = False,
+    ) -> None:
+        check_padding_mode(padding_mode, type(self).__name__)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
+        self.multi_channel = multi_channel
+        self._strip_cache: OrderedDict[tuple, tuple] = OrderedDict()
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, multi_channel: bool = False) -> Self:
+        """Same geometry as `conv` and a copy of its weights."""
+        layer = cls(
+            **conv_kwargs(conv), device=conv.weight.device, dtype=conv.weight.dtype, multi_channel=multi_channel
+        )
+        copy_conv_params(conv, layer)
+        return layer
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", multi_channel=True" if self.multi_channel else "")
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """Padding mode without `mask` (returns a tensor); hole mode with it (returns `(out, updated_mask)`)."""
+        if mask is None:
+            return self._forward_padding(x)
+        return self._forward_holes(x, mask)
+
+    # padding mode -----------------------------------------------------------------------------------------------
+
+    def _strips(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> tuple:
+        """(row strips, column strips, dead rows, dead columns) with ratio tensors ready to broadcast."""
+        key = (height, width, device, dtype)
+        compiling = torch.compiler.is_compiling()
+        if not compiling and key in self._strip_cache:
+            self._strip_cache.move_to_end(key)
+            return self._strip_cache[key]
+        rows, cols = conv_plans(self, height, width)
+        row_strips, dead_rows = _ratio_strips(rows)
+        col_strips, dead_cols = _ratio_strips(cols)
+        value = (
+            [(a, b, torch.tensor(r, device=device, dtype=dtype).view(1, 1, -1, 1)) for a, b, r in row_strips],
+            [(a, b, torch.tensor(r, device=device, dtype=dtype).view(1, 1, 1, -1)) for a, b, r in col_strips],
+            dead_rows,
+            dead_cols,
+        )
+        if not compiling:
+            self._strip_cache[key] = value
+            if len(self._strip_cache) > _CACHE_SIZE:
+                self._strip_cache.popitem(last=False)
+        return value
+
+    def _forward_padding(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._conv_forward(x, self.weight, self.bias)
+        row_strips, col_strips, dead_rows, dead_cols = self._strips(x.shape[-2], x.shape[-1], out.device, out.dtype)
+        bias = None if self.bias is None else self.bias.view(1, -1, 1, 1)
+        # r is separable, r = r_h * r_w, so re-weighting rows then columns gives (raw - b) * r + b in the corners too.
+        # The conv's backward does not need its output, so in-place edits of the strips are safe for autograd.
+        for a, b, r in row_strips:
+            strip = out[:, :, a:b]
+            strip.mul_(r) if bias is None else strip.mul_(r).add_(bias * (1 - r))
+        for a, b, r in col_strips:
+            strip = out[:, :, :, a:b]
+            strip.mul_(r) if bias is None else strip.mul_(r).add_(bias * (1 - r))
+        # Windows entirely in the padding (padding >= kernel extent) have no valid pixel: NVIDIA gives 0 there.
+        for a, b in dead_rows:
+            out[:, :, a:b].zero_()
+        for a, b in dead_cols:
+            out[:, :, :, a:b].zero_()
+        return out
+
+    # hole mode --------------------------------------------------------------------------------------------------
+
+    def mask_update(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 `(ratio, updated_mask)` of NVIDIA's rule, each (N, 1, H_out, W_out), for a validated mask."""
+        kh, kw = self.kernel_size
+        with torch.no_grad(), torch.autocast(mask.device.type, enabled=False):
+            m = mask.float()
+            channels = m.shape[1]
+            window = channels * kh * kw
+            ones = torch.ones(1, channels, kh, kw, device=m.device, dtype=torch.float32)
+            count = F.conv2d(m, ones, None, self.stride, self.padding, self.dilation)
+            updated = count.clamp(0, 1)
+            ratio = window / (count + 1e-8) * updated  # eq. 3.6 with NVIDIA's eps, exact in fp32
+        return ratio, updated
+
+    def _forward_holes(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        channels = (1, self.in_channels) if self.multi_channel else (1,)
+        hint = "" if self.multi_channel else "; for a per-channel mask build the layer with multi_channel=True"
+        check_mask(x, mask, channels=channels, owner=type(self).__name__, hint=hint)
+        if self.multi_channel and mask.shape[1] == 1:
+            mask = mask.expand(-1, self.in_channels, -1, -1)
+        ratio, updated = self.mask_update(mask)
+        raw = self._conv_forward(x * mask.to(x.dtype), self.weight, None)
+        out = raw * ratio.to(raw.dtype)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1).to(raw.dtype)
+        out = out * updated.to(raw.dtype)
+        if self.multi_channel:
+            updated = updated.expand(-1, self.out_channels, -1, -1)
+        return out, updated.to(mask.dtype if mask.dtype.is_floating_point else torch.float32)
+

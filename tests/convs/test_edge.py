@@ -1,0 +1,109 @@
+"""EdgeConv2d against a brute-force reference: nine full convolutions selected by an independent region map."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convs import REGIONS, EdgeConv2d
+
+SHAPE = (2, 13, 11)
+
+
+def touches(layer, h, w, side):
+    """1 where the window of an output position reaches into the padding on `side`, from a padded indicator."""
+    (ph, pw) = layer.padding if not isinstance(layer.padding, str) else (0, 0)
+    if layer.padding == "same":
+        kh, kw = layer.kernel_size
+        dh, dw = layer.dilation
+        top, left = dh * (kh - 1) // 2, dw * (kw - 1) // 2
+        bottom, right = dh * (kh - 1) - top, dw * (kw - 1) - left
+    else:
+        top = bottom = ph
+        left = right = pw
+    ind = torch.zeros(1, 1, h + top + bottom, w + left + right)
+    if side == "top":
+        ind[..., :top, :] = 1
+    elif side == "bottom":
+        ind[..., h + top:, :] = 1
+    elif side == "left":
+        ind[..., :, :left] = 1
+    else:
+        ind[..., :, w + left:] = 1
+    hits = F.conv2d(ind, torch.ones(1, 1, *layer.kernel_size), None, layer.stride, 0, layer.dilation)
+    return hits[0, 0] > 0
+
+
+def reference(layer, x):
+    h, w = x.shape[-2:]
+    conv = lambda weight: F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)  # noqa: E731
+    out = conv(layer.weight)
+    if layer.region_weight is None:
+        return out
+    top, bottom = touches(layer, h, w, "top"), touches(layer, h, w, "bottom")
+    left, right = touches(layer, h, w, "left"), touches(layer, h, w, "right")
+    vertical = {"top": top, "": ~top & ~bottom, "bottom": ~top & bottom}
+    horizontal = {"left": left, "": ~left & ~right, "right": ~left & right}
+    result = out * (vertical[""] & horizontal[""])
+    for index, name in enumerate(REGIONS):
+        v = next((k for k in ("top", "bottom") if name.startswith(k)), "")
+        hz = next((k for k in ("left", "right") if name.endswith(k)), "")
+        result = result + conv(layer.region_weight[index]) * (vertical[v] & horizontal[hz])
+    return result
+
+
+def test_matches_bruteforce_reference(geometry):
+    layer = EdgeConv2d(**geometry)
+    x = torch.randn(SHAPE[0], geometry["in_channels"], *SHAPE[1:], requires_grad=True)
+    out = layer(x)
+    ref = reference(layer, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    params = [x] + [p for p in layer.parameters()]
+    for g, g_ref in zip(torch.autograd.grad(out.pow(2).sum(), params), torch.autograd.grad(ref.pow(2).sum(), params),
+                        strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_unified_view_equal_filters_is_conv(geometry):
+    """Thesis section 3.4: with all region filters equal to the interior one, edge conv is nn.Conv2d."""
+    layer = EdgeConv2d(**geometry)
+    if layer.region_weight is not None:
+        with torch.no_grad():
+            layer.region_weight.copy_(layer.weight.expand_as(layer.region_weight))
+    x = torch.randn(SHAPE[0], geometry["in_channels"], *SHAPE[1:])
+    plain = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    torch.testing.assert_close(layer(x), plain, rtol=1e-5, atol=1e-5)
+
+
+def test_every_region_has_its_own_filter():
+    layer = EdgeConv2d(1, 1, 3, padding=1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(0)
+        for i in range(len(REGIONS)):
+            layer.region_weight[i].fill_(0)
+            layer.region_weight[i, 0, 0, 1, 1] = i + 1  # centre tap = region number
+    out = layer(torch.ones(1, 1, 5, 6))[0, 0]
+    expected = torch.zeros(5, 6)
+    expected[0, 0], expected[0, 1:-1], expected[0, -1] = 1, 2, 3
+    expected[1:-1, 0], expected[1:-1, -1] = 4, 5
+    expected[-1, 0], expected[-1, 1:-1], expected[-1, -1] = 6, 7, 8
+    torch.testing.assert_close(out, expected)
+
+
+def test_strips_are_thin_and_cached():
+    layer = EdgeConv2d(2, 2, 3, padding=1)
+    boxes = layer.regions(64, 48)
+    assert len(boxes) == 8
+    area = sum((r1 - r0) * (c1 - c0) for _, (r0, r1, c0, c1), _ in boxes)
+    assert area == 2 * 48 + 2 * 62  # one row top and bottom, one column left and right
+    assert layer.regions(64, 48) is boxes
+
+
+def test_no_padding_means_no_region_filters():
+    layer = EdgeConv2d(4, 8, 3, padding=0)
+    assert layer.region_weight is None
+    assert sum(p.numel() for p in layer.parameters()) == 4 * 8 * 9 + 8
+
+
+def test_rejects_other_padding_modes():
+    with pytest.raises(ValueError, match="only padding_mode='zeros'"):
+        EdgeConv2d(3, 3, 3, padding=1, padding_mode="reflect")

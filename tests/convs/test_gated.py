@@ -1,0 +1,87 @@
+"""GatedConv2d: the two normalisation placements, the mask channel and the unified view."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convs import GatedConv2d
+
+SHAPE = (2, 13, 11)
+
+
+def force_open(layer):
+    """Gate forced open (sigmoid(+inf) = 1 exactly) and mask channel removed (its weights zeroed)."""
+    with torch.no_grad():
+        layer.gate_weight.zero_()
+        layer.gate_bias.fill_(float("inf"))
+        if layer.mask_weight is not None:
+            layer.mask_weight.zero_()
+
+
+@pytest.mark.parametrize("mask_channel", [False, True])
+def test_unified_view_open_gate_is_conv(geometry, mask_channel):
+    """Thesis section 3.4: with the gate forced open and no mask channel, gated conv is nn.Conv2d."""
+    if mask_channel and geometry["groups"] != 1:
+        pytest.skip("the mask channel needs groups=1")
+    layer = GatedConv2d(**geometry, mask_channel=mask_channel)
+    force_open(layer)
+    x = torch.randn(SHAPE[0], geometry["in_channels"], *SHAPE[1:])
+    plain = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    torch.testing.assert_close(layer(x), plain, rtol=1e-5, atol=1e-5)
+
+
+def test_feature_and_gate_pair_up_within_groups():
+    """With groups, each output's gate must come from the same input group as its feature."""
+    layer = GatedConv2d(4, 4, 3, padding=1, groups=4, bias=False)
+    x = torch.randn(1, 4, 6, 6)
+    conv = lambda w: F.conv2d(x, w, None, 1, 1, 1, 4)  # noqa: E731
+    expected = conv(layer.weight) * torch.sigmoid(conv(layer.gate_weight) + layer.gate_bias.view(1, -1, 1, 1))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_from_conv_starts_from_the_source_function(geometry):
+    conv = nn.Conv2d(**geometry)
+    x = torch.randn(SHAPE[0], geometry["in_channels"], *SHAPE[1:])
+    for mask_channel in (False, True) if geometry["groups"] == 1 else (False,):
+        layer = GatedConv2d.from_conv(conv, mask_channel=mask_channel)
+        torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+        gate = torch.sigmoid(layer.gate_bias)
+        assert torch.all((gate > 0.9) & (gate < 1)), "the gate starts open but not saturated"
+
+
+def test_inside_placement_eq_3_11_absorbs_bn():
+    conv, bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    conv.eval(), bn.eval()
+    layer = GatedConv2d.from_conv(conv, norm="inside", bn=bn).eval()
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(layer(x), torch.relu(bn(conv(x))), rtol=1e-5, atol=1e-5)
+    # eq. 3.11 literally: act(BN(feature)) * sigmoid(gate)
+    weight, bias = layer.fused_weight()
+    feature, gate = F.conv2d(x, weight, bias, 1, 1).chunk(2, 1)
+    torch.testing.assert_close(layer(x), torch.relu(layer.bn(feature)) * torch.sigmoid(gate))
+
+
+def test_mask_channel_sees_ones_inside_the_image():
+    layer = GatedConv2d(3, 4, 3, padding=1, mask_channel=True)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(layer(x), layer(x, torch.ones(2, 1, 8, 8)))
+    assert not torch.allclose(layer(x), layer(x, torch.zeros(2, 1, 8, 8)))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="'outside'.*'inside'"):
+        GatedConv2d(3, 4, 3, norm="middle")
+    with pytest.raises(ValueError, match="groups=1"):
+        GatedConv2d(4, 4, 3, groups=2, mask_channel=True)
+    with pytest.raises(ValueError, match="mask_channel=True"):
+        GatedConv2d(3, 4, 3, padding=1)(torch.randn(1, 3, 5, 5), torch.ones(1, 1, 5, 5))
+    with pytest.raises(ValueError, match=r"expected \(1, 1, 5, 5\)"):
+        GatedConv2d(3, 4, 3, padding=1, mask_channel=True)(torch.randn(1, 3, 5, 5), torch.ones(1, 1, 4, 5))
+    with pytest.raises(ValueError, match="padding_mode"):
+        GatedConv2d(3, 4, 3, padding=1, padding_mode="circular")
