@@ -54,7 +54,9 @@ class EdgeConv2d(nn.Conv2d):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
         if any(side_padding(self)[0] + side_padding(self)[1]):
-            shape = (len(REGIONS), *self.weight.shape)
+            # 4-d like any conv weight (so .to(memory_format=torch.channels_last) works): region i is rows
+            # [i * out_channels, (i + 1) * out_channels).
+            shape = (len(REGIONS) * out_channels, *self.weight.shape[1:])
             self.region_weight = nn.Parameter(torch.empty(shape, device=self.weight.device, dtype=self.weight.dtype))
             self._reset_regions()
         else:  # without padding no window ever leaves the image: the layer is a plain conv
@@ -67,8 +69,8 @@ class EdgeConv2d(nn.Conv2d):
             self._reset_regions()
 
     def _reset_regions(self) -> None:
-        for w in self.region_weight:  # independent default init per region filter, as for any conv
-            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        for i in range(len(REGIONS)):  # independent default init per region filter, as for any conv
+            nn.init.kaiming_uniform_(self.region_filter(i), a=math.sqrt(5))
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> Self:
@@ -77,9 +79,13 @@ class EdgeConv2d(nn.Conv2d):
         copy_conv_params(conv, layer)
         if layer.region_weight is not None:
             with torch.no_grad():
-                layer.region_weight.copy_(conv.weight.unsqueeze(0).expand_as(layer.region_weight))
+                layer.region_weight.copy_(conv.weight.repeat(len(REGIONS), 1, 1, 1))
             layer.region_weight.requires_grad_(conv.weight.requires_grad)
         return layer
+
+    def region_filter(self, index: int) -> torch.Tensor:
+        """The filter of region `REGIONS[index]`, shaped like `weight` (a view into `region_weight`)."""
+        return self.region_weight.narrow(0, index * self.out_channels, self.out_channels)
 
     def regions(self, height: int, width: int) -> list[tuple[int, tuple[int, int, int, int], tuple[int, ...]]]:
         """Border regions for an input size: (filter index, output box r0, r1, c0, c1, input window and padding)."""
@@ -108,9 +114,11 @@ class EdgeConv2d(nn.Conv2d):
         out = self._conv_forward(x, self.weight, self.bias)
         if self.region_weight is None:
             return out
+        # One split, not one narrow per region: the backward of split assembles a single gradient for region_weight.
+        filters = self.region_weight.split(self.out_channels)
         for index, (r0, r1, c0, c1), (ilo, ihi, jlo, jhi, pl, pr, pt, pb) in self.regions(x.shape[-2], x.shape[-1]):
             patch = F.pad(x[:, :, ilo:ihi, jlo:jhi], (pl, pr, pt, pb))
-            region = F.conv2d(patch, self.region_weight[index], self.bias, self.stride, 0, self.dilation, self.groups)
+            region = F.conv2d(patch, filters[index], self.bias, self.stride, 0, self.dilation, self.groups)
             # The interior conv's backward does not need its output, so overwriting the strips is autograd-safe.
             out[:, :, r0:r1, c0:c1] = region
         return out

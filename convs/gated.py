@@ -15,6 +15,30 @@ from .masks import check_mask
 NORM_PLACEMENTS = ("outside", "inside")
 
 
+class _Gate(torch.autograd.Function):
+    """`y[:, :c] * sigmoid(y[:, c:])` whose backward writes one gradient for the whole conv output `y`.
+
+    Slicing `y` in autograd would give the conv two zero-filled full-size gradients to add; this keeps the
+    backward to a single pass, and saves only `y` (the sigmoid is recomputed, an elementwise op).
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, c: int) -> torch.Tensor:
+        ctx.c = c
+        ctx.save_for_backward(y)
+        return y[:, :c] * torch.sigmoid(y[:, c:])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (y,) = ctx.saved_tensors
+        c = ctx.c
+        feature, gate = y[:, :c], torch.sigmoid(y[:, c:])
+        grad_y = torch.empty_like(y)
+        torch.mul(grad, gate, out=grad_y[:, :c])
+        torch.ops.aten.sigmoid_backward.grad_input(grad * feature, gate, grad_input=grad_y[:, c:])
+        return grad_y, None
+
+
 class GatedConv2d(nn.Conv2d):
     """Gated convolution: feature and gate come from one convolution with twice the output channels.
 
@@ -163,6 +187,10 @@ class GatedConv2d(nn.Conv2d):
             )
         out = self._conv_forward(x, weight, bias)
         c = self.out_channels
+        if self.groups == 1 and self.norm == "outside" and isinstance(self.act, nn.Identity):
+            if torch.compiler.is_compiling():  # inductor fuses the plain expression better than any hand-written one
+                return out[:, :c] * torch.sigmoid(out[:, c:])
+            return _Gate.apply(out, c)  # the common case, eq. 3.12, in one fused backward
         if self.groups == 1:
             feature, gate = out[:, :c], out[:, c:]
         else:

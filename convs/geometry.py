@@ -91,7 +91,9 @@ def conv_plans(conv: nn.Conv2d, height: int, width: int) -> tuple[AxisPlan, Axis
     """Row and column plans of `conv` applied to an input of the given height and width."""
     (pt, pb), (pl, pr) = side_padding(conv)
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    return axis_plan(height, kh, sh, dh, pt, pb), axis_plan(width, kw, sw, dw, pl, pr)
+    # Under torch.compile the plan is traced once per input shape anyway; skip the cache wrapper dynamo warns on.
+    plan = axis_plan.__wrapped__ if torch.compiler.is_compiling() else axis_plan
+    return plan(height, kh, sh, dh, pt, pb), plan(width, kw, sw, dw, pl, pr)
 
 
 def conv_kwargs(conv: nn.Conv2d) -> dict:

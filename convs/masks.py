@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def check_mask(
-    x: torch.Tensor, mask: torch.Tensor, *, channels: tuple[int, ...], owner: str, hint: str = ""
-) -> None:
+def check_mask(x: torch.Tensor, mask: torch.Tensor, *, channels: tuple[int, ...], owner: str, hint: str = "") -> None:
     """Raise a clear error unless `mask` fits input `x`: (N or 1, c, H, W) with c in `channels`, float or bool.
 
     Only shapes and dtypes are checked here (no device sync); value ranges are checked once per forward by
@@ -16,7 +14,9 @@ def check_mask(
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{owner}: mask must be a torch.Tensor, got {type(mask).__name__}")
     if not (mask.dtype.is_floating_point or mask.dtype == torch.bool):
-        raise TypeError(f"{owner}: mask must be a float tensor with values in [0, 1] or a bool tensor, got {mask.dtype}")
+        raise TypeError(
+            f"{owner}: mask must be a float tensor with values in [0, 1] or a bool tensor, got {mask.dtype}"
+        )
     n, _, h, w = x.shape
     expected = " or ".join(f"({n}, {c}, {h}, {w})" for c in channels)
     if mask.dim() != 4 or mask.shape[0] not in (n, 1) or mask.shape[1] not in channels or mask.shape[-2:] != (h, w):

@@ -159,4 +159,3 @@ class PartialConv2d(nn.Conv2d):
         if self.multi_channel:
             updated = updated.expand(-1, self.out_channels, -1, -1)
         return out, updated.to(mask.dtype if mask.dtype.is_floating_point else torch.float32)
-

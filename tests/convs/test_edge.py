@@ -24,11 +24,11 @@ def touches(layer, h, w, side):
     if side == "top":
         ind[..., :top, :] = 1
     elif side == "bottom":
-        ind[..., h + top:, :] = 1
+        ind[..., h + top :, :] = 1
     elif side == "left":
         ind[..., :, :left] = 1
     else:
-        ind[..., :, w + left:] = 1
+        ind[..., :, w + left :] = 1
     hits = F.conv2d(ind, torch.ones(1, 1, *layer.kernel_size), None, layer.stride, 0, layer.dilation)
     return hits[0, 0] > 0
 
@@ -47,7 +47,7 @@ def reference(layer, x):
     for index, name in enumerate(REGIONS):
         v = next((k for k in ("top", "bottom") if name.startswith(k)), "")
         hz = next((k for k in ("left", "right") if name.endswith(k)), "")
-        result = result + conv(layer.region_weight[index]) * (vertical[v] & horizontal[hz])
+        result = result + conv(layer.region_filter(index)) * (vertical[v] & horizontal[hz])
     return result
 
 
@@ -58,8 +58,9 @@ def test_matches_bruteforce_reference(geometry):
     ref = reference(layer, x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     params = [x] + [p for p in layer.parameters()]
-    for g, g_ref in zip(torch.autograd.grad(out.pow(2).sum(), params), torch.autograd.grad(ref.pow(2).sum(), params),
-                        strict=True):
+    for g, g_ref in zip(
+        torch.autograd.grad(out.pow(2).sum(), params), torch.autograd.grad(ref.pow(2).sum(), params), strict=True
+    ):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
 
 
@@ -68,7 +69,7 @@ def test_unified_view_equal_filters_is_conv(geometry):
     layer = EdgeConv2d(**geometry)
     if layer.region_weight is not None:
         with torch.no_grad():
-            layer.region_weight.copy_(layer.weight.expand_as(layer.region_weight))
+            layer.region_weight.copy_(layer.weight.repeat(len(REGIONS), 1, 1, 1))
     x = torch.randn(SHAPE[0], geometry["in_channels"], *SHAPE[1:])
     plain = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
     torch.testing.assert_close(layer(x), plain, rtol=1e-5, atol=1e-5)
@@ -79,8 +80,8 @@ def test_every_region_has_its_own_filter():
     with torch.no_grad():
         layer.weight.fill_(0)
         for i in range(len(REGIONS)):
-            layer.region_weight[i].fill_(0)
-            layer.region_weight[i, 0, 0, 1, 1] = i + 1  # centre tap = region number
+            layer.region_filter(i).fill_(0)
+            layer.region_filter(i)[0, 0, 1, 1] = i + 1  # centre tap = region number
     out = layer(torch.ones(1, 1, 5, 6))[0, 0]
     expected = torch.zeros(5, 6)
     expected[0, 0], expected[0, 1:-1], expected[0, -1] = 1, 2, 3

@@ -85,3 +85,21 @@ def test_bad_arguments():
         GatedConv2d(3, 4, 3, padding=1, mask_channel=True)(torch.randn(1, 3, 5, 5), torch.ones(1, 1, 4, 5))
     with pytest.raises(ValueError, match="padding_mode"):
         GatedConv2d(3, 4, 3, padding=1, padding_mode="circular")
+
+
+@pytest.mark.parametrize("norm", ["outside", "inside"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_gradients_match_plain_autograd(norm, groups):
+    """The fused backward of the common case equals autograd through the plain expression."""
+    layer = GatedConv2d(4, 6, 3, padding=1, groups=groups, norm=norm).double()
+    x = torch.randn(2, 4, 7, 9, dtype=torch.float64, requires_grad=True)
+    params = [x, layer.weight, layer.gate_weight, layer.bias, layer.gate_bias]
+    weight, bias = layer.fused_weight()
+    y = F.conv2d(x, weight, bias, 1, 1, 1, groups).unflatten(1, (groups, 2, 6 // groups))
+    feature, gate = y[:, :, 0].flatten(1, 2), y[:, :, 1].flatten(1, 2)
+    expected = (layer.act(layer.bn(feature)) * torch.sigmoid(gate)).pow(2).sum()
+    for g, g_ref in zip(
+        torch.autograd.grad(layer(x).pow(2).sum(), params), torch.autograd.grad(expected, params), strict=True
+    ):
+        torch.testing.assert_close(g, g_ref)
+    torch.autograd.gradcheck(lambda t: layer(t), (x[:1, :, :4, :5].detach().requires_grad_(),))

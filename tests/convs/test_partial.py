@@ -25,8 +25,15 @@ def nvidia_partial(layer, x, mask=None):
         ratio = window / (update + 1e-8)
         update = torch.clamp(update, 0, 1)
         ratio = ratio * update
-    raw = F.conv2d(x if mask is None else x * m, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation,
-                   layer.groups)
+    raw = F.conv2d(
+        x if mask is None else x * m,
+        layer.weight,
+        layer.bias,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        layer.groups,
+    )
     if layer.bias is not None:
         b = layer.bias.view(1, -1, 1, 1)
         out = ((raw - b) * ratio + b) * update
@@ -40,8 +47,9 @@ def random_mask(n, c, h, w, p=0.35):
 
 
 def grads(layer, x, out):
-    gx, gw, *gb = torch.autograd.grad(out.pow(2).sum(), [x, layer.weight] + ([layer.bias] if layer.bias is not None
-                                                                             else []))
+    gx, gw, *gb = torch.autograd.grad(
+        out.pow(2).sum(), [x, layer.weight] + ([layer.bias] if layer.bias is not None else [])
+    )
     return [gx, gw, *gb]
 
 
@@ -89,8 +97,10 @@ def test_unified_view_ratio_one_is_conv(geometry):
     _, update = nvidia_partial(layer, x, ones)
     # Where every window is full the ratio is 1 and partial conv equals the plain conv.
     interior = update.expand_as(plain).bool()
-    ratio_is_one = F.conv2d(ones, torch.ones(1, 1, *layer.kernel_size), None, layer.stride, layer.padding,
-                            layer.dilation) == layer.kernel_size[0] * layer.kernel_size[1]
+    ratio_is_one = (
+        F.conv2d(ones, torch.ones(1, 1, *layer.kernel_size), None, layer.stride, layer.padding, layer.dilation)
+        == layer.kernel_size[0] * layer.kernel_size[1]
+    )
     sel = ratio_is_one.expand_as(plain) & interior
     torch.testing.assert_close(layer(x)[sel], plain[sel], rtol=1e-6, atol=1e-6)
     # Forcing the ratio to 1 everywhere turns the whole layer into the plain conv.

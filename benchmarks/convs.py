@@ -1,0 +1,169 @@
+"""Cost of each conv variant in a torchvision ResNet50: forward+backward time and memory, as ratios to zero padding.
+
+    python -m benchmarks.convs [--device auto|cpu|cuda] [--batch N] [--size PX] [--rounds N]
+
+All models are measured interleaved in one run (round-robin), so machine noise hits them alike; medians are
+reported. `partial (NVIDIA-style)` is a reference: the same layer computing NVIDIA's full-size ratio map on
+every call, to show what the separable border-strip ratio saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import convs
+from benchmarks.common import (
+    describe,
+    interleaved,
+    median,
+    peak_cuda_bytes,
+    pick_device,
+    saved_activation_bytes,
+    table,
+)
+
+# Targets from the foundation issue: time of a forward+backward step relative to the zero-padding model.
+TIME_TARGETS = {"partial": 1.02, "gated": 2.1, "edge": 1.4}
+NVIDIA_STYLE = "partial (NVIDIA-style)"
+
+
+class NvidiaStylePartialConv2d(convs.PartialConv2d):
+    """Padding mode computed as NVIDIA's PartialConv2d does: a full-size ratio map from a conv of a ones mask."""
+
+    def _forward_padding(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            kh, kw = self.kernel_size
+            ones = torch.ones(1, 1, *x.shape[-2:], device=x.device, dtype=x.dtype)
+            count = F.conv2d(
+                ones,
+                torch.ones(1, 1, kh, kw, device=x.device, dtype=x.dtype),
+                None,
+                self.stride,
+                self.padding,
+                self.dilation,
+            )
+            update = count.clamp(0, 1)
+            ratio = kh * kw / (count + 1e-8) * update
+        raw = self._conv_forward(x, self.weight, None)
+        out = raw * ratio
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out * update
+
+
+def build_models(variants: list[str], device: torch.device, channels_last: bool) -> dict[str, nn.Module]:
+    models = {}
+    for name in variants + [NVIDIA_STYLE]:
+        torch.manual_seed(0)
+        model = torchvision.models.resnet50()
+        convs.convert(model, "partial" if name == NVIDIA_STYLE else name)
+        if name == NVIDIA_STYLE:
+            for layer in model.modules():
+                if isinstance(layer, convs.PartialConv2d):
+                    layer.__class__ = NvidiaStylePartialConv2d
+        model = model.to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        models[name] = model.train()
+    return models
+
+
+def train_step(model: nn.Module, x: torch.Tensor, amp: bool) -> Callable[[], torch.Tensor]:
+    def step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = model(x).float().mean()
+        loss.backward()
+        return loss
+
+    return step
+
+
+def forward_only(model: nn.Module, x: torch.Tensor, amp: bool) -> Callable[[], torch.Tensor]:
+    def step() -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            return model(x).float().mean()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 8 on CPU, 64 on GPU)")
+    parser.add_argument("--size", type=int, default=224, help="input height and width in pixels (default 224)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed interleaved rounds (default 7)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument("--variants", nargs="+", default=sorted(convs.VARIANTS), help="variants to measure")
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: on for GPU, off for CPU)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format (default: on for GPU, off for CPU)",
+    )
+    args = parser.parse_args(argv)
+    for v in args.variants:
+        convs.get(v)
+    variants = ["zero"] + [v for v in args.variants if v != "zero"]
+    device = pick_device(args.device)
+    gpu = device.type == "cuda"
+    batch = args.batch or (64 if gpu else 8)
+    amp = gpu if args.amp is None else args.amp
+    channels_last = gpu if args.channels_last is None else args.channels_last
+
+    models = build_models(variants, device, channels_last)
+    x = torch.randn(batch, 3, args.size, args.size, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    steps = {name: train_step(model, x, amp) for name, model in models.items()}
+    times = interleaved(steps, rounds=args.rounds, warmup=args.warmup, device=device)
+
+    memory = {}
+    for name, model in models.items():
+        if gpu:
+            memory[name] = peak_cuda_bytes(steps[name], device)
+        else:  # CPU allocations are not tracked by torch: count what autograd keeps for backward, plus params+grads
+            params = sum(p.numel() * p.element_size() for p in model.parameters())
+            memory[name] = saved_activation_bytes(forward_only(model, x, amp)) + 2 * params
+        model.zero_grad(set_to_none=True)
+
+    base_t, base_m = median(times["zero"]), memory["zero"]
+    rows = []
+    for name, model in models.items():
+        t = median(times[name])
+        target = TIME_TARGETS.get(name)
+        verdict = "" if target is None else ("ok" if t / base_t <= target else "MISSED")
+        rows.append(
+            [
+                name,
+                f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}",
+                f"{t * 1e3:.0f}",
+                f"{t / base_t:.2f}x",
+                f"{'<= ' + format(target, '.2f') + 'x ' + verdict if target else ''}",
+                f"{memory[name] / 2**20:.0f}",
+                f"{memory[name] / base_m:.2f}x",
+            ]
+        )
+    mem_kind = "peak MiB" if gpu else "act+param+grad MiB"
+    print(
+        f"\nResNet50 forward+backward, batch {batch} x 3 x {args.size} x {args.size}, amp={amp}, "
+        f"channels_last={channels_last}, {args.rounds} interleaved rounds (median)"
+    )
+    print(f"device: {describe(device)}\n")
+    print(table(["variant", "params (M)", "step ms", "time", "target", mem_kind, "memory"], rows))
+
+
+if __name__ == "__main__":
+    main()
