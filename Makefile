@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup sweep test test-fast bench lint clean
+.PHONY: setup sweep test test-fast bench docs lint clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,9 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m benchmarks.convs
+
+docs: setup
+	$(PY) -m docs.mask_flow
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

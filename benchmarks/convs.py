@@ -1,10 +1,11 @@
 """Cost of each conv variant in a torchvision ResNet50: forward+backward time and memory, as ratios to zero padding.
 
-    python -m benchmarks.convs [--device auto|cpu|cuda] [--batch N] [--size PX] [--rounds N]
+    python -m benchmarks.convs [--device auto|cpu|cuda] [--batch N] [--size PX] [--rounds N] [--no-holes]
 
 All models are measured interleaved in one run (round-robin), so machine noise hits them alike; medians are
 reported. `partial (NVIDIA-style)` is a reference: the same layer computing NVIDIA's full-size ratio map on
-every call, to show what the separable border-strip ratio saves.
+every call, to show what the separable border-strip ratio saves. `... + holes` rows run the model through
+`convs.Masked` with an occlusion mask (about 30% holes), against the same unmasked zero-padding baseline.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ from benchmarks.common import (
 # Targets from the foundation issue: time of a forward+backward step relative to the zero-padding model.
 TIME_TARGETS = {"partial": 1.02, "gated": 2.1, "edge": 1.4}
 NVIDIA_STYLE = "partial (NVIDIA-style)"
+# Masked runs: row name -> (variant, convert options).
+HOLES = {
+    "partial + holes": ("partial", {}),
+    "partial multi-channel + holes": ("partial", {"multi_channel": True}),
+    "gated + holes": ("gated", {}),
+    "affine + holes": ("affine", {}),
+}
 
 
 class NvidiaStylePartialConv2d(convs.PartialConv2d):
@@ -57,12 +65,26 @@ class NvidiaStylePartialConv2d(convs.PartialConv2d):
         return out * update
 
 
-def build_models(variants: list[str], device: torch.device, channels_last: bool) -> dict[str, nn.Module]:
+def occlusion_mask(batch: int, size: int, device: torch.device) -> torch.Tensor:
+    """Rectangular holes covering about 30% of each image, one of them on the border."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(batch, 1, size, size)
+    for i in range(batch):
+        top, left = torch.randint(0, size // 2, (2,), generator=g).tolist()
+        mask[i, :, top : top + size // 2, left : left + size // 3] = 0
+        mask[i, :, size - size // 5 :, : size // 2] = 0
+    return mask.to(device)
+
+
+def build_models(variants: list[str], holes: list[str], device: torch.device, channels_last: bool) -> dict:
     models = {}
-    for name in variants + [NVIDIA_STYLE]:
+    for name in variants + [NVIDIA_STYLE] + holes:
         torch.manual_seed(0)
         model = torchvision.models.resnet50()
-        convs.convert(model, "partial" if name == NVIDIA_STYLE else name)
+        variant, options = HOLES.get(name, ("partial" if name == NVIDIA_STYLE else name, {}))
+        convs.convert(model, variant, **options)
+        if name in HOLES:
+            model = convs.Masked(model)
         if name == NVIDIA_STYLE:
             for layer in model.modules():
                 if isinstance(layer, convs.PartialConv2d):
@@ -74,21 +96,21 @@ def build_models(variants: list[str], device: torch.device, channels_last: bool)
     return models
 
 
-def train_step(model: nn.Module, x: torch.Tensor, amp: bool) -> Callable[[], torch.Tensor]:
+def train_step(model: nn.Module, inputs: tuple, amp: bool) -> Callable[[], torch.Tensor]:
     def step() -> torch.Tensor:
         model.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = model(x).float().mean()
+        with torch.autocast(inputs[0].device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = model(*inputs).float().mean()
         loss.backward()
         return loss
 
     return step
 
 
-def forward_only(model: nn.Module, x: torch.Tensor, amp: bool) -> Callable[[], torch.Tensor]:
+def forward_only(model: nn.Module, inputs: tuple, amp: bool) -> Callable[[], torch.Tensor]:
     def step() -> torch.Tensor:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            return model(x).float().mean()
+        with torch.autocast(inputs[0].device.type, dtype=torch.bfloat16, enabled=amp):
+            return model(*inputs).float().mean()
 
     return step
 
@@ -101,6 +123,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="timed interleaved rounds (default 7)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--variants", nargs="+", default=sorted(convs.VARIANTS), help="variants to measure")
+    parser.add_argument(
+        "--holes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure masked (hole) runs through convs.Masked (default: on)",
+    )
     parser.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
@@ -123,11 +151,14 @@ def main(argv: list[str] | None = None) -> None:
     amp = gpu if args.amp is None else args.amp
     channels_last = gpu if args.channels_last is None else args.channels_last
 
-    models = build_models(variants, device, channels_last)
+    holes = list(HOLES) if args.holes else []
+    models = build_models(variants, holes, device, channels_last)
     x = torch.randn(batch, 3, args.size, args.size, device=device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    steps = {name: train_step(model, x, amp) for name, model in models.items()}
+    mask = occlusion_mask(batch, args.size, device)
+    inputs = {name: (x, mask) if name in HOLES else (x,) for name in models}
+    steps = {name: train_step(model, inputs[name], amp) for name, model in models.items()}
     times = interleaved(steps, rounds=args.rounds, warmup=args.warmup, device=device)
 
     memory = {}
@@ -136,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             memory[name] = peak_cuda_bytes(steps[name], device)
         else:  # CPU allocations are not tracked by torch: count what autograd keeps for backward, plus params+grads
             params = sum(p.numel() * p.element_size() for p in model.parameters())
-            memory[name] = saved_activation_bytes(forward_only(model, x, amp)) + 2 * params
+            memory[name] = saved_activation_bytes(forward_only(model, inputs[name], amp)) + 2 * params
         model.zero_grad(set_to_none=True)
 
     base_t, base_m = median(times["zero"]), memory["zero"]

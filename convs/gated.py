@@ -1,16 +1,17 @@
-"""Gated convolution (Yu et al. 2019, DeepFill v2): a learned soft gate in (0, 1) per pixel and channel."""
+"""Gated convolution (Yu et al. 2019, DeepFill v2) and its affine extension: learned per-pixel modulation."""
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Literal, Self
+from typing import ClassVar, Literal, Self
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .geometry import check_padding_mode, conv_kwargs
-from .masks import check_mask
+from .masks import active_flow, check_mask
 
 NORM_PLACEMENTS = ("outside", "inside")
 
@@ -47,12 +48,20 @@ class GatedConv2d(nn.Conv2d):
     norm="inside" (thesis eq. 3.11): the layer owns the normalisation and activation,
     `act(BN(feature)) * sigmoid(gate)`; `convert` moves the BatchNorm that follows the conv into the layer.
 
-    With `mask_channel=True` the layer takes the validity mask as one extra input channel (DeepFill v2): a ones
-    channel when called without a mask, so the zero padding around it reveals where the image ends.
+    With `mask_channel=True` (default: the class's MASK_EVERY_LAYER) the layer takes the validity mask as one
+    extra input channel (DeepFill v2): a ones channel when called without a mask, so the zero padding around it
+    reveals where the image ends. By linearity the mask channel is its own small convolution added to the main
+    one, so any `groups` works. Inside `convs.Masked` the mask arrives by itself; `forward(x, mask)` passes one
+    explicitly.
 
     `weight` and `bias` hold the feature half, shaped like a plain conv's, so pretrained conv weights load into
     them; `gate_weight`, `gate_bias` and `mask_weight` hold the rest.
     """
+
+    # Outputs of the one fused convolution, in order; subclasses add branches.
+    BRANCHES: ClassVar[tuple[str, ...]] = ("feature", "gate")
+    # Whether `convert` gives every layer the mask channel (True) or only the first one (False).
+    MASK_EVERY_LAYER: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -70,30 +79,31 @@ class GatedConv2d(nn.Conv2d):
         *,
         norm: Literal["outside", "inside"] = "outside",
         activation: nn.Module | None = None,
-        mask_channel: bool = False,
+        mask_channel: bool | None = None,
     ) -> None:
         check_padding_mode(padding_mode, type(self).__name__)
         if norm not in NORM_PLACEMENTS:
             raise ValueError(
-                f"Invalid norm {norm!r} for GatedConv2d. Only 'outside' (thesis eq. 3.12, the default) and "
-                "'inside' (eq. 3.11) are supported."
+                f"Invalid norm {norm!r} for {type(self).__name__}. Only 'outside' (thesis eq. 3.12, the default) "
+                "and 'inside' (eq. 3.11) are supported."
             )
-        if mask_channel and groups != 1:
-            raise ValueError(f"GatedConv2d: a mask input channel needs groups=1, got groups={groups}")
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        mask_channel = self.MASK_EVERY_LAYER if mask_channel is None else mask_channel
         self.norm = norm
-        self.gate_weight = nn.Parameter(torch.empty_like(self.weight))
-        self.gate_bias = nn.Parameter(torch.zeros(out_channels, **factory))
+        for branch in self.BRANCHES[1:]:
+            setattr(self, f"{branch}_weight", nn.Parameter(torch.empty_like(self.weight)))
+            setattr(self, f"{branch}_bias", nn.Parameter(torch.zeros(out_channels, **factory)))
         if mask_channel:
-            self.mask_weight = nn.Parameter(torch.empty(2 * out_channels, 1, *self.kernel_size, **factory))
+            shape = (len(self.BRANCHES) * out_channels, 1, *self.kernel_size)
+            self.mask_weight = nn.Parameter(torch.empty(shape, **factory))
         else:
             self.register_parameter("mask_weight", None)
         self.bn = nn.BatchNorm2d(out_channels, **factory) if norm == "inside" else nn.Identity()
         self.act = activation if activation is not None else (nn.ReLU() if norm == "inside" else nn.Identity())
-        self._reset_gate()
+        self._reset_branches()
 
     @property
     def mask_channel(self) -> bool:
@@ -102,12 +112,13 @@ class GatedConv2d(nn.Conv2d):
     def reset_parameters(self) -> None:
         super().reset_parameters()
         if hasattr(self, "gate_weight"):
-            self._reset_gate()
+            self._reset_branches()
 
-    def _reset_gate(self) -> None:
-        # The gate gets the same default init as a conv; its bias starts at 0 (sigmoid 0.5), as in DeepFill v2.
-        nn.init.kaiming_uniform_(self.gate_weight, a=math.sqrt(5))
-        nn.init.zeros_(self.gate_bias)
+    def _reset_branches(self) -> None:
+        # The extra branches get a conv's default init and zero bias (gate at sigmoid(0) = 0.5, as in DeepFill v2).
+        for branch in self.BRANCHES[1:]:
+            nn.init.kaiming_uniform_(getattr(self, f"{branch}_weight"), a=math.sqrt(5))
+            nn.init.zeros_(getattr(self, f"{branch}_bias"))
         if self.mask_weight is not None:
             nn.init.kaiming_uniform_(self.mask_weight, a=math.sqrt(5))
 
@@ -118,16 +129,16 @@ class GatedConv2d(nn.Conv2d):
         *,
         norm: Literal["outside", "inside"] = "outside",
         activation: nn.Module | None = None,
-        mask_channel: bool = False,
+        mask_channel: bool | None = None,
         bn: nn.BatchNorm2d | None = None,
         open_logit: float = 3.0,
     ) -> Self:
-        """A gated layer that computes exactly what `conv` computed (and `bn`, for norm="inside").
+        """A layer that computes exactly what `conv` computed (and `bn`, for norm="inside").
 
         The gate starts input-independent and open at sigmoid(open_logit) (0.95 by default: open, yet with a
         healthy gradient); the feature half is scaled by 1 / sigmoid(open_logit) so that the product equals the
         source conv (for "inside", the BatchNorm's affine part is scaled instead, exact for ReLU-like
-        activations, which are positively homogeneous). Mask-channel weights start at zero.
+        activations, which are positively homogeneous). Other branches and mask-channel weights start at zero.
         """
         layer = cls(
             **conv_kwargs(conv),
@@ -138,16 +149,14 @@ class GatedConv2d(nn.Conv2d):
             mask_channel=mask_channel,
         )
         scale = 1.0 / torch.sigmoid(torch.tensor(open_logit, dtype=torch.float64)).item()
+        feature_scale = scale if norm == "outside" or bn is None else 1.0
         with torch.no_grad():
-            if norm == "outside" or bn is None:
-                layer.weight.copy_(conv.weight * scale)
-                if conv.bias is not None:
-                    layer.bias.copy_(conv.bias * scale)
-            else:
-                layer.weight.copy_(conv.weight)
-                if conv.bias is not None:
-                    layer.bias.copy_(conv.bias)
-            layer.gate_weight.zero_()
+            layer.weight.copy_(conv.weight * feature_scale)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias * feature_scale)
+            for branch in cls.BRANCHES[1:]:
+                getattr(layer, f"{branch}_weight").zero_()
+                getattr(layer, f"{branch}_bias").zero_()
             layer.gate_bias.fill_(open_logit)
             if layer.mask_weight is not None:
                 layer.mask_weight.zero_()
@@ -160,43 +169,78 @@ class GatedConv2d(nn.Conv2d):
         return super().extra_repr() + f", norm={self.norm!r}" + (", mask_channel=True" if self.mask_channel else "")
 
     def fused_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight and bias of the one convolution that yields feature and gate, grouped as (groups, 2, out/groups)."""
+        """Weight and bias of the one convolution that yields every branch, grouped as (groups, branch, out/groups)."""
         bias = self.bias if self.bias is not None else torch.zeros_like(self.gate_bias)
+        weights = [self.weight] + [getattr(self, f"{b}_weight") for b in self.BRANCHES[1:]]
+        biases = [bias] + [getattr(self, f"{b}_bias") for b in self.BRANCHES[1:]]
         if self.groups == 1:
-            return torch.cat([self.weight, self.gate_weight]), torch.cat([bias, self.gate_bias])
+            return torch.cat(weights), torch.cat(biases)
         g = self.groups
-        weight = torch.stack([self.weight.unflatten(0, (g, -1)), self.gate_weight.unflatten(0, (g, -1))], 1)
-        bias = torch.stack([bias.unflatten(0, (g, -1)), self.gate_bias.unflatten(0, (g, -1))], 1)
+        weight = torch.stack([w.unflatten(0, (g, -1)) for w in weights], 1)
+        bias = torch.stack([b.unflatten(0, (g, -1)) for b in biases], 1)
         return weight.flatten(0, 2), bias.flatten(0, 2)
+
+    def _mask_term(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Contribution of the mask channel to the fused output: conv(mask, mask_weight); ones without a mask."""
+        if self.mask_weight is None:
+            if mask is not None:
+                raise ValueError(
+                    f"{type(self).__name__} without a mask channel got a mask; build it with mask_channel=True "
+                    "(convert gives the first layer one), later layers learn their gates from features"
+                )
+            return None
+        if mask is None:
+            flow = active_flow(self)
+            if flow is not None:
+                mask = flow.mask_at(x.shape[-2], x.shape[-1])
+        if mask is None:
+            m = x.new_ones(1, 1, x.shape[-2], x.shape[-1])  # zero padding around it marks the border
+        else:
+            check_mask(x, mask, channels=(1, self.in_channels), owner=type(self).__name__)
+            m = mask.to(x.dtype).mean(1, keepdim=True)
+        return F.conv2d(m, self.mask_weight, None, self.stride, self.padding, self.dilation)
+
+    def _split(self, y: torch.Tensor) -> list[torch.Tensor]:
+        c, n = self.out_channels, len(self.BRANCHES)
+        if self.groups == 1:
+            return list(y.split(c, 1))
+        grouped = y.unflatten(1, (self.groups, n, c // self.groups))
+        return [grouped[:, :, i].flatten(1, 2) for i in range(n)]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """`act(feature) * sigmoid(gate)`; `mask` (1 = valid) feeds the mask channel, which needs mask_channel=True."""
         weight, bias = self.fused_weight()
-        if self.mask_weight is not None:
-            if mask is None:
-                m = x.new_ones(x.shape[0], 1, x.shape[2], x.shape[3])
-            else:
-                check_mask(x, mask, channels=(1, self.in_channels), owner=type(self).__name__)
-                m = mask.to(x.dtype).mean(1, keepdim=True).expand(x.shape[0], -1, -1, -1)
-            x = torch.cat([x, m], 1)
-            weight = torch.cat([weight, self.mask_weight], 1)
-        elif mask is not None:
-            raise ValueError(
-                "GatedConv2d without a mask channel got a mask; only the first layer of a gated network takes the "
-                "mask (build it with mask_channel=True), later layers learn their gates from features"
-            )
-        out = self._conv_forward(x, weight, bias)
-        c = self.out_channels
+        y = self._conv_forward(x, weight, bias)
+        mask_term = self._mask_term(x, mask)
+        if mask_term is not None:
+            y = y + mask_term
+        return self._combine(y)
+
+    def _combine(self, y: torch.Tensor) -> torch.Tensor:
         if self.groups == 1 and self.norm == "outside" and isinstance(self.act, nn.Identity):
             if torch.compiler.is_compiling():  # inductor fuses the plain expression better than any hand-written one
-                return out[:, :c] * torch.sigmoid(out[:, c:])
-            return _Gate.apply(out, c)  # the common case, eq. 3.12, in one fused backward
-        if self.groups == 1:
-            feature, gate = out[:, :c], out[:, c:]
-        else:
-            grouped = out.unflatten(1, (self.groups, 2, c // self.groups))
-            feature, gate = grouped[:, :, 0].flatten(1, 2), grouped[:, :, 1].flatten(1, 2)
+                return y[:, : self.out_channels] * torch.sigmoid(y[:, self.out_channels :])
+            return _Gate.apply(y, self.out_channels)  # the common case, eq. 3.12, in one fused backward
+        feature, gate = self._split(y)
         return self.act(self.bn(feature)) * torch.sigmoid(gate)
+
+
+class AffineGatedConv2d(GatedConv2d):
+    """Affine gated convolution (new here): a gate that both scales and shifts, `act(f) * sigmoid(g) + shift`.
+
+    The thesis' proposed future work, in the spirit of SPADE (Park et al. 2019): the modulation is computed
+    from features *and* the validity mask, and unlike gated conv every layer sees the mask, at its own
+    resolution, as an extra input channel (a ones channel without holes, so every layer knows where the border
+    is). Feature, gate and shift come from one convolution with three times the output channels. `from_conv`
+    starts from the source function: shift weights and bias at zero, gate open as in `GatedConv2d`.
+    """
+
+    BRANCHES: ClassVar[tuple[str, ...]] = ("feature", "gate", "shift")
+    MASK_EVERY_LAYER: ClassVar[bool] = True
+
+    def _combine(self, y: torch.Tensor) -> torch.Tensor:
+        feature, gate, shift = self._split(y)
+        return self.act(self.bn(feature)) * torch.sigmoid(gate) + shift
 
 
 def _scaled_copy(bn: nn.BatchNorm2d, scale: float) -> nn.BatchNorm2d:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .geometry import AxisPlan, check_padding_mode, conv_kwargs, conv_plans, copy_conv_params
-from .masks import check_mask
+from .masks import active_flow, check_mask
 
 _CACHE_SIZE = 64
 
@@ -81,10 +81,22 @@ class PartialConv2d(nn.Conv2d):
         return super().extra_repr() + (", multi_channel=True" if self.multi_channel else "")
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        """Padding mode without `mask` (returns a tensor); hole mode with it (returns `(out, updated_mask)`)."""
-        if mask is None:
+        """Padding mode without `mask` (returns a tensor); hole mode with it (returns `(out, updated_mask)`).
+
+        Inside a running `convs.Masked` model the layer takes its mask from the pass's `MaskFlow`, stores the
+        updated one there and returns just the tensor, so the model's own code needs no change.
+        """
+        if mask is not None:
+            return self._forward_holes(x, mask)
+        flow = active_flow(self)
+        if flow is None:
             return self._forward_padding(x)
-        return self._forward_holes(x, mask)
+        mask = flow.mask_at(x.shape[-2], x.shape[-1])
+        if mask.shape[1] not in (1, self.in_channels) or (mask.shape[1] > 1 and not self.multi_channel):
+            mask = mask.mean(1, keepdim=True)  # a per-channel mask seen by a 1-channel layer: fraction valid
+        out, updated = self._forward_holes(x, mask)
+        flow.update(updated[:, :1])  # the update is the same for every output channel
+        return out
 
     # padding mode -----------------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Collection
 from torch import nn
 
 from .edge import EdgeConv2d
-from .gated import GatedConv2d
+from .gated import AffineGatedConv2d, GatedConv2d
 from .partial import PartialConv2d
 
 # name -> layer class. `zero` is plain nn.Conv2d with zero padding: the baseline every variant is compared with.
@@ -18,6 +18,7 @@ VARIANTS: dict[str, type[nn.Conv2d]] = {
     "partial": PartialConv2d,
     "gated": GatedConv2d,
     "edge": EdgeConv2d,
+    "affine": AffineGatedConv2d,
 }
 
 SkipRule = Callable[[str, nn.Conv2d], bool] | Collection[str]
@@ -41,8 +42,8 @@ def convert(model: nn.Module, variant: str, *, skip: SkipRule | None = None, **o
     e.g. the thesis' edge_no7: `convert(model, "edge", skip=lambda name, c: c.kernel_size == (7, 7))`.
 
     gated: the first converted conv (in registration order) takes the mask as an extra input channel unless
-    `mask_channel=False`; with `norm="inside"` (thesis eq. 3.11) a BatchNorm2d registered right after a conv
-    in the same parent moves into the gated layer and an nn.Identity takes its place.
+    `mask_channel=False` (affine: every layer does); with `norm="inside"` (thesis eq. 3.11) a BatchNorm2d
+    registered right after a conv in the same parent moves into the gated layer, an nn.Identity in its place.
     Convert before wrapping in DistributedDataParallel: DDP has already registered the old parameters.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
@@ -96,7 +97,7 @@ def _absorbable(module: nn.Module | None, conv: nn.Conv2d) -> bool:
 def _build(cls: type[nn.Conv2d], conv: nn.Conv2d, *, first: bool, following: nn.Module | None, options: dict):
     kwargs = dict(options)
     if cls is GatedConv2d or issubclass(cls, GatedConv2d):
-        kwargs["mask_channel"] = bool(options.get("mask_channel", True)) and first and conv.groups == 1
+        kwargs["mask_channel"] = bool(options.get("mask_channel", True)) and (first or cls.MASK_EVERY_LAYER)
         if options.get("norm") == "inside":
             kwargs["bn"] = following if _absorbable(following, conv) else None
     return cls.from_conv(conv, **kwargs)

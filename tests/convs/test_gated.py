@@ -1,30 +1,34 @@
-"""GatedConv2d: the two normalisation placements, the mask channel and the unified view."""
+"""GatedConv2d and AffineGatedConv2d: the two normalisation placements, the mask channel, the unified view."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convs import GatedConv2d
+from convs import AffineGatedConv2d, GatedConv2d
+
+GATED = [GatedConv2d, AffineGatedConv2d]
 
 SHAPE = (2, 13, 11)
 
 
 def force_open(layer):
-    """Gate forced open (sigmoid(+inf) = 1 exactly) and mask channel removed (its weights zeroed)."""
+    """Gate forced open (sigmoid(+inf) = 1 exactly), no shift, and mask channel removed (its weights zeroed)."""
     with torch.no_grad():
         layer.gate_weight.zero_()
         layer.gate_bias.fill_(float("inf"))
+        if hasattr(layer, "shift_weight"):
+            layer.shift_weight.zero_()
+            layer.shift_bias.zero_()
         if layer.mask_weight is not None:
             layer.mask_weight.zero_()
 
 
+@pytest.mark.parametrize("cls", GATED)
 @pytest.mark.parametrize("mask_channel", [False, True])
-def test_unified_view_open_gate_is_conv(geometry, mask_channel):
+def test_unified_view_open_gate_is_conv(geometry, mask_channel, cls):
     """Thesis section 3.4: with the gate forced open and no mask channel, gated conv is nn.Conv2d."""
-    if mask_channel and geometry["groups"] != 1:
-        pytest.skip("the mask channel needs groups=1")
-    layer = GatedConv2d(**geometry, mask_channel=mask_channel)
+    layer = cls(**geometry, mask_channel=mask_channel)
     force_open(layer)
     x = torch.randn(SHAPE[0], geometry["in_channels"], *SHAPE[1:])
     plain = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
@@ -40,17 +44,19 @@ def test_feature_and_gate_pair_up_within_groups():
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_from_conv_starts_from_the_source_function(geometry):
+@pytest.mark.parametrize("cls", GATED)
+def test_from_conv_starts_from_the_source_function(geometry, cls):
     conv = nn.Conv2d(**geometry)
     x = torch.randn(SHAPE[0], geometry["in_channels"], *SHAPE[1:])
-    for mask_channel in (False, True) if geometry["groups"] == 1 else (False,):
-        layer = GatedConv2d.from_conv(conv, mask_channel=mask_channel)
+    for mask_channel in (False, True):
+        layer = cls.from_conv(conv, mask_channel=mask_channel)
         torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
         gate = torch.sigmoid(layer.gate_bias)
         assert torch.all((gate > 0.9) & (gate < 1)), "the gate starts open but not saturated"
 
 
-def test_inside_placement_eq_3_11_absorbs_bn():
+@pytest.mark.parametrize("cls", GATED)
+def test_inside_placement_eq_3_11_absorbs_bn(cls):
     conv, bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
     with torch.no_grad():
         bn.running_mean.normal_()
@@ -58,17 +64,19 @@ def test_inside_placement_eq_3_11_absorbs_bn():
         bn.weight.normal_()
         bn.bias.normal_()
     conv.eval(), bn.eval()
-    layer = GatedConv2d.from_conv(conv, norm="inside", bn=bn).eval()
+    layer = cls.from_conv(conv, norm="inside", bn=bn, mask_channel=False).eval()
     x = torch.randn(2, 3, 9, 9)
     torch.testing.assert_close(layer(x), torch.relu(bn(conv(x))), rtol=1e-5, atol=1e-5)
-    # eq. 3.11 literally: act(BN(feature)) * sigmoid(gate)
+    # eq. 3.11 literally: act(BN(feature)) * sigmoid(gate) (+ shift for affine)
     weight, bias = layer.fused_weight()
-    feature, gate = F.conv2d(x, weight, bias, 1, 1).chunk(2, 1)
-    torch.testing.assert_close(layer(x), torch.relu(layer.bn(feature)) * torch.sigmoid(gate))
+    feature, gate, *shift = F.conv2d(x, weight, bias, 1, 1).chunk(len(cls.BRANCHES), 1)
+    expected = torch.relu(layer.bn(feature)) * torch.sigmoid(gate) + (shift[0] if shift else 0)
+    torch.testing.assert_close(layer(x), expected)
 
 
-def test_mask_channel_sees_ones_inside_the_image():
-    layer = GatedConv2d(3, 4, 3, padding=1, mask_channel=True)
+@pytest.mark.parametrize("cls", GATED)
+def test_mask_channel_sees_ones_inside_the_image(cls):
+    layer = cls(3, 4, 3, padding=1, mask_channel=True)
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(layer(x), layer(x, torch.ones(2, 1, 8, 8)))
     assert not torch.allclose(layer(x), layer(x, torch.zeros(2, 1, 8, 8)))
@@ -77,8 +85,6 @@ def test_mask_channel_sees_ones_inside_the_image():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="'outside'.*'inside'"):
         GatedConv2d(3, 4, 3, norm="middle")
-    with pytest.raises(ValueError, match="groups=1"):
-        GatedConv2d(4, 4, 3, groups=2, mask_channel=True)
     with pytest.raises(ValueError, match="mask_channel=True"):
         GatedConv2d(3, 4, 3, padding=1)(torch.randn(1, 3, 5, 5), torch.ones(1, 1, 5, 5))
     with pytest.raises(ValueError, match=r"expected \(1, 1, 5, 5\)"):
@@ -87,17 +93,22 @@ def test_bad_arguments():
         GatedConv2d(3, 4, 3, padding=1, padding_mode="circular")
 
 
+@pytest.mark.parametrize("cls", GATED)
 @pytest.mark.parametrize("norm", ["outside", "inside"])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_gradients_match_plain_autograd(norm, groups):
+def test_gradients_match_plain_autograd(norm, groups, cls):
     """The fused backward of the common case equals autograd through the plain expression."""
-    layer = GatedConv2d(4, 6, 3, padding=1, groups=groups, norm=norm).double()
+    layer = cls(4, 6, 3, padding=1, groups=groups, norm=norm, mask_channel=True).double()
     x = torch.randn(2, 4, 7, 9, dtype=torch.float64, requires_grad=True)
-    params = [x, layer.weight, layer.gate_weight, layer.bias, layer.gate_bias]
+    params = [x] + [p for p in layer.parameters() if p.dim() > 0]
+    n = len(cls.BRANCHES)
     weight, bias = layer.fused_weight()
-    y = F.conv2d(x, weight, bias, 1, 1, 1, groups).unflatten(1, (groups, 2, 6 // groups))
-    feature, gate = y[:, :, 0].flatten(1, 2), y[:, :, 1].flatten(1, 2)
-    expected = (layer.act(layer.bn(feature)) * torch.sigmoid(gate)).pow(2).sum()
+    ones = torch.ones(1, 1, 7, 9, dtype=torch.float64)
+    y = F.conv2d(x, weight, bias, 1, 1, 1, groups) + F.conv2d(ones, layer.mask_weight, None, 1, 1)
+    y = y.unflatten(1, (groups, n, 6 // groups))
+    feature, gate, *shift = [y[:, :, i].flatten(1, 2) for i in range(n)]
+    result = layer.act(layer.bn(feature)) * torch.sigmoid(gate) + (shift[0] if shift else 0)
+    expected = result.pow(2).sum()
     for g, g_ref in zip(
         torch.autograd.grad(layer(x).pow(2).sum(), params), torch.autograd.grad(expected, params), strict=True
     ):

@@ -1,0 +1,72 @@
+"""Holes inside the image: run a converted model with a validity mask delivered to every mask-aware layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .gated import GatedConv2d
+from .masks import MaskFlow, flowing
+from .partial import PartialConv2d
+
+MASK_AWARE = (PartialConv2d, GatedConv2d)
+
+
+class Masked(nn.Module):
+    """Wrap a converted model so that `forward(x, mask)` reaches every mask-aware layer, with no change to its code.
+
+    `mask` is (N, 1, H, W) or (N, C, H, W) (C = channels of `x`), float in [0, 1] or bool, 1 = valid, 0 = hole.
+    During the call each partial conv takes the mask at its input's resolution and stores its updated mask at
+    its output's (holes shrink as the partial-conv rule says); the first gated layer (every layer, for affine)
+    takes it as an extra input channel. Resolutions no layer produced (after pooling, or upsampling in a
+    decoder) are derived from the nearest mask (see `MaskFlow`). Without a mask the model runs exactly as in
+    padding-only mode. The hand-off uses a context variable, so threads and several models run independently.
+
+    Convert first, then wrap: the layers are collected here. Edge conv handles padding only and ignores holes.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self._layers = frozenset(id(m) for m in model.modules() if isinstance(m, MASK_AWARE))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *args, return_masks: bool = False, **kwargs):
+        """`model(x, *args, **kwargs)` with `mask` flowing; with `return_masks`, also {(H, W): mask} of the pass."""
+        if mask is None:
+            out = self.model(x, *args, **kwargs)
+            return (out, {}) if return_masks else out
+        mask = self._validated(x, mask)
+        with flowing(MaskFlow(self._layers, mask)) as flow:
+            out = self.model(x, *args, **kwargs)
+        return (out, dict(flow.by_size)) if return_masks else out
+
+    def _validated(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not self._layers:
+            raise ValueError(
+                "Masked(model) got a mask but the model has no mask-aware layer: convert it first, e.g. "
+                "convs.convert(model, 'partial'), then wrap it (edge and zero padding ignore holes)"
+            )
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        n, c, h, w = x.shape
+        expected = f"({n}, 1, {h}, {w}) or ({n}, {c}, {h}, {w})"
+        if mask.dim() != 4 or mask.shape[0] not in (n, 1) or mask.shape[1] not in (1, c) or mask.shape[-2:] != (h, w):
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not fit input of shape {tuple(x.shape)}: expected "
+                f"{expected}, values in [0, 1] (1 = valid pixel, 0 = hole)"
+            )
+        if mask.dtype == torch.bool:
+            return mask.to(torch.float32)
+        if not mask.dtype.is_floating_point:
+            raise TypeError(
+                f"mask must be a float tensor with values in [0, 1] or a bool tensor, got {mask.dtype}; "
+                f"expected shape {expected}"
+            )
+        if not torch.compiler.is_compiling():  # a data-dependent check: one sync per forward, not per layer
+            low, high = torch.aminmax(mask)
+            if low.item() < 0 or high.item() > 1:
+                raise ValueError(
+                    f"mask values must lie in [0, 1] (1 = valid pixel, 0 = hole), got min {low.item():g} and "
+                    f"max {high.item():g}; expected shape {expected}"
+                )
+        return mask.to(torch.float32)
