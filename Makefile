@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Until the sweep lands, the main job is the conv benchmark.
+# The main job: every variant x 3 seeds on the embedded defaults (local Ray, synthetic data, ./mlflow.db).
 sweep: setup
-	$(PY) -m benchmarks.convs
+	$(PY) -m orchestrator.sweep --task classification $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q

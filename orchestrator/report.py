@@ -1,0 +1,79 @@
+"""The thesis' tables from a sweep's per-trial results: per-seed values, mean, std and difference to zero."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    variant: str
+    seed: int
+    metrics: dict[str, float]  # e.g. {"best/top1": 76.2, "last5/top1": 75.9}
+    status: str = "ok"  # ok | failed: a failed trial stays in the table, never silently dropped
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def comparison(results: list[TrialResult], columns: list[str], *, baseline: str = "zero") -> list[dict]:
+    """One row per variant: per-seed values, mean, std and mean difference to `baseline`, for each column."""
+    variants = sorted({r.variant for r in results}, key=lambda v: (v != baseline, v))
+    seeds = sorted({r.seed for r in results})
+    rows = []
+    means: dict[tuple[str, str], float] = {}
+    for variant in variants:
+        row: dict = {"variant": variant}
+        for column in columns:
+            values = []
+            for seed in seeds:
+                found = [r for r in results if r.variant == variant and r.seed == seed]
+                if not found:
+                    row[f"{column} seed {seed}"] = "missing"
+                elif found[0].status != "ok" or column not in found[0].metrics:
+                    row[f"{column} seed {seed}"] = "failed"
+                else:
+                    values.append(found[0].metrics[column])
+                    row[f"{column} seed {seed}"] = found[0].metrics[column]
+            mean, std = _mean_std(values)
+            row[f"{column} mean"], row[f"{column} std"] = mean, std
+            means[variant, column] = mean
+        rows.append(row)
+    for row in rows:
+        for column in columns:
+            base = means.get((baseline, column), math.nan)
+            row[f"{column} diff to {baseline}"] = row[f"{column} mean"] - base
+    return rows
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+def markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "(no results)"
+    headers = list(rows[0])
+    cells = [[_fmt(row.get(h, "")) for h in headers] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def to_csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()

@@ -1,0 +1,165 @@
+"""MLflow bookkeeping: one experiment per task, a parent run per sweep, one nested run per trial.
+
+Everything goes through `MlflowClient` with an explicit tracking URI (no global `mlflow.set_tracking_uri`), so
+the driver, Tune functions and Ray Train workers each talk to the same store without shared state.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3.17 refuses a plain ./mlruns file store
+SWEEP_TAG, TRIAL_TAG = "bench.sweep", "bench.trial_id"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be reached or used."""
+
+
+def check_tracking_uri(uri: str, *, timeout: float = 5.0) -> None:
+    """Fail fast, with a clear message, when a tracking server does not answer (instead of retrying for minutes)."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                if response.status != 200:
+                    raise TrackingError(f"MLflow server at {uri} answered /health with HTTP {response.status}")
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            raise TrackingError(
+                f"cannot reach the MLflow tracking server at {uri} ({e}); start one with "
+                "`mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1` or pass another "
+                "--tracking-uri (the default is a local SQLite store, sqlite:///mlflow.db)"
+            ) from None
+    elif parsed.scheme == "sqlite":
+        folder = Path(parsed.path.removeprefix("/")).parent if uri.startswith("sqlite:///") else Path(".")
+        if not folder.resolve().exists():
+            raise TrackingError(f"the folder of the SQLite tracking store {uri} does not exist: {folder.resolve()}")
+    elif parsed.scheme in ("", "file"):
+        raise TrackingError(
+            f"tracking URI {uri!r} is a plain file store, which MLflow 3.17 refuses; use sqlite:///mlflow.db "
+            "or a server URL"
+        )
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The id of experiment `name`, created if missing (in the driver, before trials start: creation races)."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    return client.create_experiment(name)
+
+
+def find_or_create_run(
+    uri: str, experiment_id: str, *, tags: dict[str, str], key: str, name: str, parent: str | None = None
+) -> str:
+    """The run tagged `key`=tags[key] in the experiment, or a new one: resumes and retries never duplicate a run."""
+    client = MlflowClient(uri)
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{key}` = '{tags[key]}'", max_results=1)
+    if runs:
+        run_id = runs[0].info.run_id
+        if runs[0].info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        return run_id
+    all_tags = {**tags, MLFLOW_RUN_NAME: name}
+    if parent:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent
+    return client.create_run(experiment_id, tags=all_tags, run_name=name).info.run_id
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    client = MlflowClient(uri)
+    existing = client.get_run(run_id).data.params
+    new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+    if new:
+        client.log_batch(run_id, params=new)
+
+
+def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient(uri).set_terminated(run_id, status=status)
+
+
+def log_text(uri: str, run_id: str, text: str, path: str) -> None:
+    MlflowClient(uri).log_text(run_id, text, path)
+
+
+class MlflowTracker:
+    """Per-trial logging from rank 0 of the Ray Train run: per-epoch metrics and the final artifacts."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.client, self.run_id = MlflowClient(uri), run_id
+
+    def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
+        timestamp = int(time.time() * 1000)
+        batch = [Metric(k, float(v), timestamp, epoch) for k, v in metrics.items() if k != "epoch"]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_final(self, summary: dict[str, float], best_checkpoint: Path, extras: dict[str, Any]) -> None:
+        self.client.log_artifact(self.run_id, str(best_checkpoint), "checkpoints")
+        self.client.log_dict(self.run_id, summary, "summary.json")
+        confusion, classes = extras.get("confusion"), extras.get("classes")
+        if confusion is not None:
+            names = [c[0] if isinstance(c, tuple | list) else str(c) for c in (classes or range(len(confusion)))]
+            buffer = io.StringIO()
+            writer = csv.writer(buffer)
+            writer.writerow(["true \\ predicted", *names])
+            for name, row in zip(names, confusion.tolist(), strict=True):
+                writer.writerow([name, *row])
+            self.client.log_text(self.run_id, buffer.getvalue(), "confusion_matrix.csv")
+            self._log_confusion_png(confusion, names)
+        history = self.client.get_metric_history(self.run_id, "val/top1")
+        if history:
+            self._log_curves()
+
+    def _log_confusion_png(self, confusion, names: list[str]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(names), 1 + 0.6 * len(names)))
+        ax.imshow(confusion.numpy(), cmap="Blues")
+        for (i, j), v in np.ndenumerate(confusion.numpy()):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        fig.tight_layout()
+        self.client.log_figure(self.run_id, fig, "confusion_matrix.png")
+        plt.close(fig)
+
+    def _log_curves(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+        for ax, key in zip(axes, ("train/loss", "val/top1"), strict=True):
+            points = sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+            ax.set_title(key)
+            ax.set_xlabel("epoch")
+        fig.tight_layout()
+        self.client.log_figure(self.run_id, fig, "curves.png")
+        plt.close(fig)
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,111 @@
+"""Ray glue: the Tune function that runs one trial as a Ray Train TorchTrainer, and the per-worker loop.
+
+Ray 2.60 (Train V2) no longer accepts `Tuner(TorchTrainer(...))`: Tune runs a plain function per trial, and that
+function builds and fits a TorchTrainer whose `TuneReportCallback` forwards the workers' reports to Tune.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import ray.tune
+import torch
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from . import tracking
+from .config import TrialConfig
+from .loop import CHECKPOINT_FILE, train
+
+SWEEP_KEY = "__sweep"  # sweep-wide settings inside each trial's config (TrialConfig ignores "__" keys)
+
+
+def trial_identity(config: dict[str, Any]) -> tuple[str, int]:
+    """(variant, seed) of a trial: from the grid, or from Repeater's `__trial_index__` in an Optuna search."""
+    if "__trial_index__" in config:
+        sweep = config[SWEEP_KEY]
+        index = config["__trial_index__"]
+        return sweep["variants"][index // len(sweep["seeds"])], sweep["seeds"][index % len(sweep["seeds"])]
+    return config["variant"], config["seed"]
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: resume from the last checkpoint if any, train, report every epoch."""
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    cfg = TrialConfig.from_dict(config)
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    tracker = None
+    if rank == 0 and cfg.tracking_uri and cfg.mlflow_run_id:
+        tracker = tracking.MlflowTracker(cfg.tracking_uri, cfg.mlflow_run_id)
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        saved = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=saved)  # uploads synchronously to the storage
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    with tempfile.TemporaryDirectory(prefix="trial-") as workdir:
+        train(
+            cfg,
+            device=ray.train.torch.get_device(),
+            rank=rank,
+            world_size=world_size,
+            report=report,
+            resume=resume,
+            tracker=tracker,
+            workdir=Path(workdir),
+        )
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """The Tune trainable: find or open the trial's MLflow run, then fit a TorchTrainer named after the trial id."""
+    sweep = config[SWEEP_KEY]
+    trial_id = ray.tune.get_context().get_trial_id()
+    variant, seed = trial_identity(config)
+    values = {k: v for k, v in config.items() if not k.startswith("__")}
+    values.update(variant=variant, seed=seed, tracking_uri=sweep["tracking_uri"])
+    cfg = TrialConfig.from_dict(values)
+    run_id = tracking.find_or_create_run(
+        sweep["tracking_uri"],
+        sweep["experiment_id"],
+        tags={tracking.TRIAL_TAG: trial_id, tracking.SWEEP_TAG: sweep["name"], "variant": variant, "seed": str(seed)},
+        key=tracking.TRIAL_TAG,
+        name=f"{variant}-seed{seed}-{trial_id}",
+        parent=sweep["parent_run_id"],
+    )
+    cfg.mlflow_run_id = run_id
+    tracking.log_params(sweep["tracking_uri"], run_id, {**cfg.params(), "trial_id": trial_id})
+    gpus = sweep["gpus_per_worker"]
+    trainer = ray.train.torch.TorchTrainer(
+        worker_loop,
+        train_loop_config=asdict(cfg),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=sweep["workers_per_trial"],
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": sweep["cpus_per_worker"], **({"GPU": gpus} if gpus > 0 else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            # Derived from the trial id, never a timestamp: a restarted trial finds and resumes this run.
+            name=f"train-{trial_id}",
+            storage_path=sweep["train_storage"],
+            callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=sweep["max_failures"]),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        trainer.fit()
+    except BaseException:
+        tracking.finish_run(sweep["tracking_uri"], run_id, "FAILED")
+        raise
+    tracking.finish_run(sweep["tracking_uri"], run_id, "FINISHED")
