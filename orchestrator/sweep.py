@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None) -> list[report.TrialResult]:
 
     from .trial import SWEEP_KEY, run_trial, trial_identity
 
-    ray.init(address=args.address, log_to_driver=True, configure_logging=False)
+    own_ray = not ray.is_initialized()  # a caller's Ray session (tests, notebooks) is reused and left running
+    if own_ray:
+        ray.init(address=args.address, log_to_driver=True, configure_logging=False)
     resources = ray.cluster_resources()
     gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (1.0 if resources.get("GPU", 0) else 0.0)
     trial_cpus, trial_gpus = args.workers_per_trial * args.cpus_per_worker, args.workers_per_trial * gpus
@@ -383,7 +385,8 @@ def main(argv: list[str] | None = None) -> list[report.TrialResult]:
         f"then open   http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
         f"   (store: {store})"
     )
-    ray.shutdown()
+    if own_ray:
+        ray.shutdown()
     return results
 
 

@@ -1,0 +1,128 @@
+"""The sweep end to end on a local Ray (2 CPUs): grid, resume, Optuna, MLflow contents, and fast clear errors."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator import sweep, tracking
+
+
+def common(tmp_path, name):
+    return [
+        "--task",
+        "classification",
+        "--preset",
+        "smoke",
+        "--epochs",
+        "2",
+        "--storage",
+        str(tmp_path / "sweeps"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--name",
+        name,
+    ]
+
+
+def runs_of(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("classification")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+@pytest.mark.slow
+def test_grid_sweep_tracks_every_trial_and_resumes_without_duplicates(ray_session, tmp_path, capsys):
+    results = sweep.main([*common(tmp_path, "grid"), "--variants", "zero", "partial", "--seeds", "2"])
+    assert sorted((r.variant, r.seed, r.status) for r in results) == [
+        ("partial", 0, "ok"),
+        ("partial", 1, "ok"),
+        ("zero", 0, "ok"),
+        ("zero", 1, "ok"),
+    ]
+    client, runs = runs_of(tmp_path)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
+    assert sorted((r.data.params["variant"], r.data.params["seed"]) for r in children) == [
+        ("partial", "0"),
+        ("partial", "1"),
+        ("zero", "0"),
+        ("zero", "1"),
+    ]
+    for run in children:
+        history = client.get_metric_history(run.info.run_id, "val/top1")
+        assert sorted(m.step for m in history) == [0, 1]  # one value per epoch, the epoch as step
+        assert run.info.status == "FINISHED"
+        assert {"checkpoints", "confusion_matrix.csv", "curves.png"} <= {
+            a.path for a in client.list_artifacts(run.info.run_id)
+        }
+    out = capsys.readouterr().out
+    ours = out[out.index("difference to zero") :]  # Ray prints tables of its own before ours
+    table = [line for line in ours.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == ["zero", "partial"]
+    assert "best/top1 diff to zero" in table[0] and "mlflow ui --backend-store-uri" in out
+
+    # Resuming a finished sweep redoes nothing and opens no new MLflow run.
+    again = sweep.main([*common(tmp_path, "grid"), "--resume"])
+    assert sorted((r.variant, r.seed) for r in again) == sorted((r.variant, r.seed) for r in results)
+    _, runs_after = runs_of(tmp_path)
+    assert len(runs_after) == 5
+    for run in runs_after:
+        if "mlflow.parentRunId" in run.data.tags:
+            assert len(client.get_metric_history(run.info.run_id, "val/top1")) == 2
+
+
+@pytest.mark.slow
+def test_optuna_sweep_records_sampled_values(ray_session, tmp_path):
+    results = sweep.main(
+        [
+            *common(tmp_path, "optuna"),
+            "--variants",
+            "zero",
+            "--seeds",
+            "2",
+            "--search",
+            "optuna",
+            "--num-samples",
+            "2",
+            "--space",
+            "lr=loguniform:1e-4:1e-2",
+        ]
+    )
+    assert len(results) == 4 and all(r.status == "ok" for r in results)
+    assert sorted(r.seed for r in results) == [0, 0, 1, 1]
+    sampled = {r.metrics["space.lr"] for r in results}
+    assert len(sampled) == 2 and all(1e-4 <= v <= 1e-2 for v in sampled)  # each sample ran for both seeds
+    client, runs = runs_of(tmp_path)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert {float(r.data.params["preset.lr"]) for r in children} == sampled
+
+
+def test_unknown_names_list_the_choices(tmp_path):
+    with pytest.raises(SystemExit, match="Unknown task 'segmentatoin'. Known tasks: classification"):
+        sweep.main(["--task", "segmentatoin"])
+    with pytest.raises(SystemExit, match="Unknown conv variant 'edgy'. Known variants: .*edge"):
+        sweep.main(["--variants", "edgy"])
+    with pytest.raises(SystemExit, match="unknown preset 'huge'.*thesis, cpu, smoke"):
+        sweep.main(["--preset", "huge"])
+    with pytest.raises(SystemExit, match="unknown preset key 'lrr'"):
+        sweep.main(["--space", "lrr=uniform:0:1"])
+    with pytest.raises(SystemExit, match="--resume needs --name"):
+        sweep.main(["--resume"])
+
+
+def test_data_root_without_the_layout_shows_the_expected_one(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(SystemExit, match=r"missing folder(.|\n)*Expected layout:(.|\n)*ROOT/val/<wnid>/<name>.JPEG"):
+        sweep.main(["--data-root", str(tmp_path), "--preset", "smoke"])
+
+
+def test_unreachable_tracking_server_and_ray_address_fail_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv("INVALID_PIXELS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit, match="cannot reach the MLflow tracking server at http://127.0.0.1:9"):
+        sweep.main(["--preset", "smoke", "--tracking-uri", "http://127.0.0.1:9"])
+    with pytest.raises(SystemExit, match="cannot reach a Ray cluster at 127.0.0.1:9"):
+        sweep.main(
+            ["--preset", "smoke", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--address", "127.0.0.1:9"]
+        )
+    with pytest.raises(tracking.TrackingError, match="plain file store"):
+        tracking.check_tracking_uri("./mlruns")
