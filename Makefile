@@ -28,6 +28,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m benchmarks.convs
+	$(PY) -m benchmarks.sweep
 
 docs: setup
 	$(PY) -m docs.mask_flow

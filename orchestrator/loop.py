@@ -10,6 +10,7 @@ import os
 import random
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -130,6 +131,7 @@ def train(
     logs. `resume` is the state of the last checkpoint, to continue after a crash. `workdir` keeps the best
     checkpoint (a temporary folder when None).
     """
+    started = time.perf_counter()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(cfg.seed)
     task, preset, root = prepare(cfg)
@@ -162,6 +164,7 @@ def train(
     best_value = max((h[task.metric] for h in history), default=float("-inf"))
     try:
         for epoch in range(start, preset.epochs):
+            epoch_start = time.perf_counter()
             loss = train_one_epoch(net, task, train_loader, optimizer, device, preset, epoch)
             scheduler.step()
             if world_size > 1:
@@ -169,6 +172,7 @@ def train(
                 dist.all_reduce(mean)
                 loss = mean.item() / world_size
             metrics: dict[str, float] = {"epoch": epoch, "train/loss": loss, "lr": scheduler.get_last_lr()[0]}
+            metrics["time/epoch_s"] = time.perf_counter() - epoch_start
             checkpoint_dir = None
             if rank == 0:
                 result = task.evaluate(model, val_loader, device, preset)
@@ -201,6 +205,7 @@ def train(
                     },
                     checkpoint_dir,
                 )
+            metrics["time/loop_s"] = time.perf_counter() - started  # since this worker entered train()
             if report is not None:
                 report(metrics, checkpoint_dir)
         summary = summarize(history, task.metric) if rank == 0 and history else {}

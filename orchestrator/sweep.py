@@ -344,7 +344,10 @@ def main(argv: list[str] | None = None) -> list[report.TrialResult]:
             trainable,
             param_space=param_space,
             tune_config=ray.tune.TuneConfig(
-                search_alg=search_alg, num_samples=num_samples, max_concurrent_trials=max_concurrent
+                search_alg=search_alg,
+                num_samples=num_samples,
+                max_concurrent_trials=max_concurrent,
+                reuse_actors=True,  # one Tune-function process per slot: its imports (mlflow, ray.train) paid once
             ),
             run_config=ray.tune.RunConfig(
                 name=name, storage_path=storage, failure_config=ray.tune.FailureConfig(max_failures=args.max_failures)
