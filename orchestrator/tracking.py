@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 import urllib.error
 import urllib.request
@@ -159,7 +158,3 @@ class MlflowTracker:
         fig.tight_layout()
         self.client.log_figure(self.run_id, fig, "curves.png")
         plt.close(fig)
-
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -1,4 +1,10 @@
-"""The sweep end to end on a local Ray (2 CPUs): grid, resume, Optuna, MLflow contents, and fast clear errors."""
+"""The sweep end to end on a local Ray (2 CPUs): grid, resume, Optuna, worker crash, MLflow, fast clear errors."""
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -126,3 +132,42 @@ def test_unreachable_tracking_server_and_ray_address_fail_fast(tmp_path, monkeyp
         )
     with pytest.raises(tracking.TrackingError, match="plain file store"):
         tracking.check_tracking_uri("./mlruns")
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of live Ray Train worker processes (Ray titles them ray::RayTrainWorker...)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"ray::RayTrainWorker" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker process through /proc")
+def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, tmp_path):
+    """SIGKILL the Train worker after its first checkpoint: the trial restarts from it and finishes in one run."""
+    args = [*common(tmp_path, "crash"), "--variants", "zero", "--seeds", "1", "--epochs", "8"]
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(results=sweep.main(args)))
+    runner.start()
+    train_dir = tmp_path / "sweeps" / "crash" / "train"
+    while runner.is_alive() and len(list(train_dir.glob("*/checkpoint_*"))) < 2:  # epochs 0 and 1 are saved
+        time.sleep(0.1)
+    pids = _train_worker_pids()
+    assert runner.is_alive() and pids, "the trial ended before a worker could be killed"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    runner.join()
+    (result,) = outcome["results"]
+    assert result.status == "ok" and result.metrics["epoch"] == 7
+    client, runs = runs_of(tmp_path)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 1 and children[0].info.status == "FINISHED"  # the retry continued the same run
+    history = client.get_metric_history(children[0].info.run_id, "val/top1")
+    assert sorted({m.step for m in history}) == list(range(8))  # every epoch logged, none missing
+    # Resumed, not restarted: at most the epoch in flight at the kill ran twice (from scratch: 0 and 1 as well).
+    assert len(history) <= 9
