@@ -328,8 +328,10 @@ def main(argv: list[str] | None = None) -> list[report.TrialResult]:
         param_space["variant"] = ray.tune.grid_search(variants)
         param_space["seed"] = ray.tune.grid_search(seeds)
 
-    # The Tune function only starts the TorchTrainer: a sliver of CPU, so Train workers get the real cores.
-    trainable = ray.tune.with_resources(run_trial, {"CPU": 0.01})
+    # The Tune function only starts the TorchTrainer: it holds no CPU (just a token of memory, as a bundle needs a
+    # resource), so Train workers get whole cores. With 0.01 CPU, two trials on 2 CPUs would need 2.02 and the
+    # second trial's worker would wait for a core until Ray Train's 60 s start-up timeout.
+    trainable = ray.tune.with_resources(run_trial, {"CPU": 0, "memory": 2**20})
     path = f"{storage}/{name}"
     if args.resume:
         if not ray.tune.Tuner.can_restore(path):
