@@ -6,6 +6,7 @@ torchvision's reference trainers: `train_one_epoch`, `evaluate`, `train`.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import statistics
@@ -84,9 +85,7 @@ def train_one_epoch(model, task, loader, optimizer, device, preset, epoch: int) 
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)  # a different, seeded order every epoch
     total, count = 0.0, 0
-    for i, (images, targets) in enumerate(loader):
-        if preset.max_batches is not None and i >= preset.max_batches:
-            break
+    for images, targets in itertools.islice(loader, preset.max_batches):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = task.loss(model(images), targets)

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -98,15 +97,3 @@ def ensure_synthetic(task: Task, preset: Preset, cache_dir: Path, *, seed: int =
 def default_cache_dir() -> Path:
     """Where synthetic datasets go: $INVALID_PIXELS_CACHE, else ~/.cache/invalid-pixels-bench."""
     return Path(os.environ.get("INVALID_PIXELS_CACHE", Path.home() / ".cache" / "invalid-pixels-bench"))
-
-
-def limited(loader: DataLoader, max_batches: int | None) -> Callable:
-    """Iterate `loader`, stopping after `max_batches` batches when set."""
-
-    def iterate():
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                return
-            yield batch
-
-    return iterate

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import random
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 
-from .base import LayoutError, Preset, limited
+from .base import LayoutError, Preset
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
@@ -38,10 +40,9 @@ def _transforms(preset: Preset, train: bool) -> transforms.Compose:
 
 
 def _seed_worker(worker_id: int) -> None:
+    """DataLoader worker seeding from torch's per-worker seed, so augmentation is reproducible."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
-    import random
-
     random.seed(seed)
 
 
@@ -187,7 +188,7 @@ class ClassificationTask:
         correct1 = correct5 = total = 0
         loss_sum = 0.0
         confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-        for images, targets in limited(loader, preset.max_batches)():
+        for images, targets in itertools.islice(loader, preset.max_batches):
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(images)
