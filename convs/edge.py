@@ -53,7 +53,7 @@ class EdgeConv2d(nn.Conv2d):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
-        if any(side_padding(self)[0] + side_padding(self)[1]):
+        if any(sum(side_padding(self), ())):
             # 4-d like any conv weight (so .to(memory_format=torch.channels_last) works): region i is rows
             # [i * out_channels, (i + 1) * out_channels).
             shape = (len(REGIONS) * out_channels, *self.weight.shape[1:])

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .gated import GatedConv2d
-from .masks import MaskFlow, flowing
+from .masks import MaskFlow, check_mask, flowing
 from .partial import PartialConv2d
 
 MASK_AWARE = (PartialConv2d, GatedConv2d)
@@ -46,27 +46,14 @@ class Masked(nn.Module):
                 "Masked(model) got a mask but the model has no mask-aware layer: convert it first, e.g. "
                 "convs.convert(model, 'partial'), then wrap it (edge and zero padding ignore holes)"
             )
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-        n, c, h, w = x.shape
-        expected = f"({n}, 1, {h}, {w}) or ({n}, {c}, {h}, {w})"
-        if mask.dim() != 4 or mask.shape[0] not in (n, 1) or mask.shape[1] not in (1, c) or mask.shape[-2:] != (h, w):
-            raise ValueError(
-                f"mask of shape {tuple(mask.shape)} does not fit input of shape {tuple(x.shape)}: expected "
-                f"{expected}, values in [0, 1] (1 = valid pixel, 0 = hole)"
-            )
+        check_mask(x, mask, channels=(1, x.shape[1]), owner="Masked")
         if mask.dtype == torch.bool:
             return mask.to(torch.float32)
-        if not mask.dtype.is_floating_point:
-            raise TypeError(
-                f"mask must be a float tensor with values in [0, 1] or a bool tensor, got {mask.dtype}; "
-                f"expected shape {expected}"
-            )
         if not torch.compiler.is_compiling():  # a data-dependent check: one sync per forward, not per layer
             low, high = torch.aminmax(mask)
             if low.item() < 0 or high.item() > 1:
                 raise ValueError(
                     f"mask values must lie in [0, 1] (1 = valid pixel, 0 = hole), got min {low.item():g} and "
-                    f"max {high.item():g}; expected shape {expected}"
+                    f"max {high.item():g}"
                 )
         return mask.to(torch.float32)

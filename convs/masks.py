@@ -27,7 +27,7 @@ def check_mask(x: torch.Tensor, mask: torch.Tensor, *, channels: tuple[int, ...]
     if mask.dim() != 4 or mask.shape[0] not in (n, 1) or mask.shape[1] not in channels or mask.shape[-2:] != (h, w):
         raise ValueError(
             f"{owner}: mask of shape {tuple(mask.shape)} does not match input of shape {tuple(x.shape)}; "
-            f"expected {expected} (batch may also be 1), with 1 = valid pixel and 0 = hole{hint}"
+            f"expected {expected}, values in [0, 1] (batch may also be 1; 1 = valid pixel, 0 = hole){hint}"
         )
 
 

@@ -31,7 +31,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 class Tracker(Protocol):
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None: ...
-    def log_final(self, summary: dict[str, float], best_checkpoint: Path, extras: dict[str, Any]) -> None: ...
+    def log_best(self, best_checkpoint: Path, extras: dict[str, Any]) -> None: ...
+    def log_final(self, summary: dict[str, float]) -> None: ...
 
 
 def seed_everything(seed: int) -> None:
@@ -127,8 +128,8 @@ def train(
     """Train one trial and return its summary; `report(metrics, checkpoint_dir)` is called once per epoch.
 
     Every worker must call `report` equally often (Ray Train's rule); only rank 0 evaluates, checkpoints and
-    logs. `resume` is the state of the last checkpoint, to continue after a crash. `workdir` keeps the best
-    checkpoint (a temporary folder when None).
+    logs. `resume` is the state of the last checkpoint, to continue after a crash. `workdir` holds the
+    checkpoints being written (a temporary folder when None).
     """
     started = time.perf_counter()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -159,7 +160,6 @@ def train(
     own = tempfile.TemporaryDirectory() if workdir is None else None
     workdir = Path(own.name) if own else Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    best_path, extras = workdir / "best.pt", {}
     best_value = max((h[task.metric] for h in history), default=float("-inf"))
     try:
         for epoch in range(start, preset.epochs):
@@ -176,16 +176,19 @@ def train(
             if rank == 0:
                 result = task.evaluate(model, val_loader, device, preset)
                 metrics.update({k: float(v) for k, v in result.items() if isinstance(v, int | float)})
-                history.append({k: v for k, v in metrics.items()})
+                history.append(dict(metrics))
                 metrics.update(summarize(history, task.metric))
                 if metrics[task.metric] > best_value:
                     best_value = metrics[task.metric]
-                    extras = {k: v for k, v in result.items() if not isinstance(v, int | float)}
-                    save_checkpoint(
+                    best = save_checkpoint(
                         {"model": model.state_dict(), "epoch": epoch, "metrics": metrics, "config": cfg.params()},
                         workdir,
                         "best.pt",
                     )
+                    # Logged now, not at the end: a worker that crashes and resumes elsewhere keeps its best model.
+                    if tracker is not None:
+                        extras = {k: v for k, v in result.items() if not isinstance(v, int | float)}
+                        tracker.log_best(best, extras)
                 if tracker is not None:
                     tracker.log_epoch(metrics, epoch)
                 checkpoint_dir = Path(tempfile.mkdtemp(prefix="ckpt-", dir=workdir))
@@ -208,8 +211,8 @@ def train(
             if report is not None:
                 report(metrics, checkpoint_dir)
         summary = summarize(history, task.metric) if rank == 0 and history else {}
-        if rank == 0 and tracker is not None and best_path.exists():
-            tracker.log_final(summary, best_path, extras)
+        if rank == 0 and tracker is not None and summary:
+            tracker.log_final(summary)
         return {"history": history, **summary}
     finally:
         if own is not None:

@@ -98,7 +98,7 @@ def log_text(uri: str, run_id: str, text: str, path: str) -> None:
 
 
 class MlflowTracker:
-    """Per-trial logging from rank 0 of the Ray Train run: per-epoch metrics and the final artifacts."""
+    """Per-trial logging from rank 0 of the Ray Train run: per-epoch metrics, the best epoch, the final summary."""
 
     def __init__(self, uri: str, run_id: str) -> None:
         self.client, self.run_id = MlflowClient(uri), run_id
@@ -108,9 +108,9 @@ class MlflowTracker:
         batch = [Metric(k, float(v), timestamp, epoch) for k, v in metrics.items() if k != "epoch"]
         self.client.log_batch(self.run_id, metrics=batch)
 
-    def log_final(self, summary: dict[str, float], best_checkpoint: Path, extras: dict[str, Any]) -> None:
+    def log_best(self, best_checkpoint: Path, extras: dict[str, Any]) -> None:
+        """The best epoch so far: its checkpoint and confusion matrix replace the previous best's."""
         self.client.log_artifact(self.run_id, str(best_checkpoint), "checkpoints")
-        self.client.log_dict(self.run_id, summary, "summary.json")
         confusion, classes = extras.get("confusion"), extras.get("classes")
         if confusion is not None:
             names = [c[0] if isinstance(c, tuple | list) else str(c) for c in (classes or range(len(confusion)))]
@@ -121,9 +121,11 @@ class MlflowTracker:
                 writer.writerow([name, *row])
             self.client.log_text(self.run_id, buffer.getvalue(), "confusion_matrix.csv")
             self._log_confusion_png(confusion, names)
-        history = self.client.get_metric_history(self.run_id, "val/top1")
-        if history:
-            self._log_curves()
+
+    def log_final(self, summary: dict[str, float]) -> None:
+        """The per-run numbers (best, last-5 mean) and the training curves."""
+        self.client.log_dict(self.run_id, summary, "summary.json")
+        self._log_curves()
 
     def _log_confusion_png(self, confusion, names: list[str]) -> None:
         import matplotlib

@@ -167,6 +167,8 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, tmp_path):
     client, runs = runs_of(tmp_path)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 1 and children[0].info.status == "FINISHED"  # the retry continued the same run
+    artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
+    assert {"checkpoints", "summary.json", "curves.png"} <= artifacts  # the best model survived the crash
     history = client.get_metric_history(children[0].info.run_id, "val/top1")
     assert sorted({m.step for m in history}) == list(range(8))  # every epoch logged, none missing
     # Resumed, not restarted: at most the epoch in flight at the kill ran twice (from scratch: 0 and 1 as well).
