@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> list[report.TrialResult]:
         "gpus_per_worker": gpus,
         "max_failures": args.max_failures,
         "train_storage": f"{storage}/{name}/train",
+        "local": args.address is None,  # a Ray started on this machine: one node, nothing to be preempted
     }
     loader_workers = args.loader_workers if args.loader_workers is not None else (4 if gpus else 0)
     param_space: dict[str, Any] = {

@@ -90,6 +90,10 @@ def run_trial(config: dict[str, Any]) -> None:
     # Ray Train's controller polls its workers every 2 s by default; at 0.2 s a trial ends seconds sooner (the
     # controller process reads this when this function creates it).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if sweep.get("local"):
+        # Ray Train starts a preemption watcher actor per run (one more process per trial) that polls the nodes'
+        # drain state; a local Ray is one machine that no cloud provider reclaims. Clusters keep it.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     trainer = ray.train.torch.TorchTrainer(
         worker_loop,
         train_loop_config=asdict(cfg),
