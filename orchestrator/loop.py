@@ -32,7 +32,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 class Tracker(Protocol):
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None: ...
     def log_best(self, best_checkpoint: Path, extras: dict[str, Any]) -> None: ...
-    def log_final(self, summary: dict[str, float]) -> None: ...
+    def log_final(self, summary: dict[str, float], curves: list[str]) -> None: ...
 
 
 def seed_everything(seed: int) -> None:
@@ -98,11 +98,14 @@ def train_one_epoch(model, task, loader, optimizer, device, preset, epoch: int) 
     return total / max(count, 1)
 
 
-def summarize(history: list[dict[str, float]], metric: str) -> dict[str, float]:
-    """The thesis' two per-run numbers: best value over all epochs, and mean of the last 5 epochs."""
-    values = [h[metric] for h in history]
-    name = metric.split("/", 1)[-1]
-    return {f"best/{name}": max(values), f"last5/{name}": statistics.fmean(values[-5:])}
+def summarize(history: list[dict[str, float]], metrics: str | tuple[str, ...]) -> dict[str, float]:
+    """The thesis' two per-run numbers for each metric: best value over all epochs, and mean of the last 5 epochs."""
+    summary = {}
+    for metric in (metrics,) if isinstance(metrics, str) else metrics:
+        values = [h[metric] for h in history]
+        name = metric.split("/", 1)[-1]
+        summary.update({f"best/{name}": max(values), f"last5/{name}": statistics.fmean(values[-5:])})
+    return summary
 
 
 def save_checkpoint(state: dict[str, Any], folder: Path, name: str = CHECKPOINT_FILE) -> Path:
@@ -140,6 +143,8 @@ def train(
     )
     model = task.build_model(preset, num_classes=task.num_classes(root))
     convs.convert(model, cfg.variant, **cfg.variant_options)
+    if preset.sync_bn and world_size > 1 and device.type == "cuda":  # PyTorch's SyncBatchNorm runs on GPUs only
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     net = model
     if world_size > 1:
@@ -177,7 +182,7 @@ def train(
                 result = task.evaluate(model, val_loader, device, preset)
                 metrics.update({k: float(v) for k, v in result.items() if isinstance(v, int | float)})
                 history.append(dict(metrics))
-                metrics.update(summarize(history, task.metric))
+                metrics.update(summarize(history, task.table_metrics))
                 if metrics[task.metric] > best_value:
                     best_value = metrics[task.metric]
                     best = save_checkpoint(
@@ -210,9 +215,9 @@ def train(
             metrics["time/loop_s"] = time.perf_counter() - started  # since this worker entered train()
             if report is not None:
                 report(metrics, checkpoint_dir)
-        summary = summarize(history, task.metric) if rank == 0 and history else {}
+        summary = summarize(history, task.table_metrics) if rank == 0 and history else {}
         if rank == 0 and tracker is not None and summary:
-            tracker.log_final(summary)
+            tracker.log_final(summary, ["train/loss", *task.table_metrics])
         return {"history": history, **summary}
     finally:
         if own is not None:

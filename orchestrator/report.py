@@ -17,6 +17,12 @@ class TrialResult:
     status: str = "ok"  # ok | failed: a failed trial stays in the table, never silently dropped
 
 
+def columns(table_metrics: tuple[str, ...]) -> list[str]:
+    """The closing table's columns: the best epoch of every table metric, then the last-5 mean of the headline."""
+    names = [m.split("/", 1)[-1] for m in table_metrics]
+    return [*(f"best/{n}" for n in names), f"last5/{names[0]}"]
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan

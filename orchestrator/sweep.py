@@ -371,15 +371,14 @@ def main(argv: list[str] | None = None) -> list[report.TrialResult]:
         if args.search == "optuna":
             metrics.update({k: v for k, v in result.config.items() if k.startswith("space.")})
         results.append(report.TrialResult(variant, seed, metrics, "failed" if result.error else "ok"))
-    metric = task.metric.split("/")[-1]
-    rows = report.comparison(results, [f"best/{metric}", f"last5/{metric}"])
+    rows = report.comparison(results, report.columns(task.table_metrics))
     table = report.markdown(rows)
     tracking.log_text(uri, parent, table, "comparison.md")
     tracking.log_text(uri, parent, report.to_csv(rows), "comparison.csv")
     failed = sum(r.status != "ok" for r in results)
     tracking.finish_run(uri, parent, "FAILED" if failed else "FINISHED")
     print(
-        f"\n{task.name}: {task.metric} per variant (best epoch, and mean of the last 5 epochs), "
+        f"\n{task.name}: {', '.join(task.table_metrics)} per variant (best epoch; last5: mean of the last 5 epochs), "
         f"mean and std over seeds, difference to zero\n"
     )
     print(table)

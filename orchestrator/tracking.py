@@ -121,11 +121,42 @@ class MlflowTracker:
                 writer.writerow([name, *row])
             self.client.log_text(self.run_id, buffer.getvalue(), "confusion_matrix.csv")
             self._log_confusion_png(confusion, names)
+        per_class = extras.get("per_class_iou")  # {mode: [IoU per class]} from segmentation
+        if per_class is not None:
+            names = [str(c) for c in classes or range(len(next(iter(per_class.values()))))]
+            self._log_per_class(per_class, names)
 
-    def log_final(self, summary: dict[str, float]) -> None:
-        """The per-run numbers (best, last-5 mean) and the training curves."""
+    def log_final(self, summary: dict[str, float], curves: list[str]) -> None:
+        """The per-run numbers (best, last-5 mean) and the training curves of the metrics in `curves`."""
         self.client.log_dict(self.run_id, summary, "summary.json")
-        self._log_curves()
+        self._log_curves(curves)
+
+    def _log_per_class(self, per_class: dict[str, list[float]], names: list[str]) -> None:
+        """Per-class IoU of the best epoch in every evaluation mode: a CSV table and a grouped bar chart."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        modes = list(per_class)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["class", *(f"iou_{m}" for m in modes)])
+        for i, name in enumerate(names):
+            writer.writerow([name, *(f"{per_class[m][i]:.3f}" for m in modes)])
+        self.client.log_text(self.run_id, buffer.getvalue(), "per_class_iou.csv")
+        fig, ax = plt.subplots(figsize=(2 + 0.55 * len(names), 3.5))
+        width = 0.8 / len(modes)
+        for k, mode in enumerate(modes):
+            values = np.nan_to_num(np.asarray(per_class[mode], dtype=float), nan=0.0)  # absent classes: no bar
+            ax.bar(np.arange(len(names)) + (k - (len(modes) - 1) / 2) * width, values, width, label=mode)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("IoU (%)")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        self.client.log_figure(self.run_id, fig, "per_class_iou.png")
+        plt.close(fig)
 
     def _log_confusion_png(self, confusion, names: list[str]) -> None:
         import matplotlib
@@ -135,8 +166,9 @@ class MlflowTracker:
 
         fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(names), 1 + 0.6 * len(names)))
         ax.imshow(confusion.numpy(), cmap="Blues")
-        for (i, j), v in np.ndenumerate(confusion.numpy()):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+        if len(names) <= 12:  # counts stay readable; with 19 classes the colours tell the story
+            for (i, j), v in np.ndenumerate(confusion.numpy()):
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.set_xlabel("predicted")
@@ -145,14 +177,14 @@ class MlflowTracker:
         self.client.log_figure(self.run_id, fig, "confusion_matrix.png")
         plt.close(fig)
 
-    def _log_curves(self) -> None:
+    def _log_curves(self, keys: list[str]) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-        for ax, key in zip(axes, ("train/loss", "val/top1"), strict=True):
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+        for ax, key in zip(axes[0], keys, strict=True):
             points = sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
             ax.set_title(key)

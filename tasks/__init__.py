@@ -2,8 +2,9 @@
 
 from .base import LayoutError, Preset, Task, default_cache_dir, ensure_synthetic
 from .classification import ClassificationTask
+from .segmentation import SegmentationTask
 
-TASKS: dict[str, type] = {"classification": ClassificationTask}
+TASKS: dict[str, type] = {"classification": ClassificationTask, "segmentation": SegmentationTask}
 
 
 def get_task(name: str) -> Task:

@@ -39,6 +39,11 @@ class Preset:
     eval_size: int = 256  # validation resize before the centre crop (classification)
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (synthetic data: keep borders)
     max_batches: int | None = None  # cap on batches per epoch and per evaluation (smoke tests)
+    eval_batch_size: int | None = None  # validation batch size (None: batch_size)
+    tile_size: int | None = None  # segmentation: side of the square evaluation tiles (None: the image height)
+    scale_range: tuple[float, float] = (1.0, 1.0)  # segmentation: random rescaling before the training crop
+    sync_bn: bool = False  # synchronized BatchNorm across the Ray Train workers (used on GPUs)
+    model_options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the task's model
     synthetic: dict[str, Any] = field(default_factory=dict)  # size of the generated stand-in dataset
 
     def updated(self, **overrides: Any) -> Preset:
@@ -57,6 +62,7 @@ class Task(Protocol):
     presets: ClassVar[dict[str, Preset]]
     variants: ClassVar[tuple[str, ...]]  # conv variants this task supports
     metric: ClassVar[str]  # the headline metric key, e.g. "val/top1" (higher is better)
+    table_metrics: ClassVar[tuple[str, ...]]  # per-epoch metrics summarized per run (best, last-5), headline first
     layout: ClassVar[str]  # the expected on-disk layout, shown when a data root does not match
 
     def check_layout(self, root: Path) -> None: ...

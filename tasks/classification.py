@@ -68,6 +68,7 @@ class ClassificationTask:
 
     name: ClassVar[str] = "classification"
     metric: ClassVar[str] = "val/top1"
+    table_metrics: ClassVar[tuple[str, ...]] = ("val/top1",)
     variants: ClassVar[tuple[str, ...]] = ("zero", "partial", "gated", "edge", "affine")
     layout: ClassVar[str] = (
         "ROOT/train/<wnid>/<wnid>_<n>.JPEG    e.g. ROOT/train/n01440764/n01440764_10026.JPEG\n"
@@ -138,7 +139,7 @@ class ClassificationTask:
                 f"{root}/train holds {len(train)} images, fewer than one batch of {preset.batch_size} per worker "
                 f"x {world_size} workers"
             )
-        val_loader = DataLoader(val, batch_size=preset.batch_size, shuffle=False, **common)
+        val_loader = DataLoader(val, batch_size=preset.eval_batch_size or preset.batch_size, shuffle=False, **common)
         return train_loader, val_loader
 
     def write_synthetic(self, root: Path, preset: Preset, *, seed: int = 0) -> None:
