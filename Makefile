@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 # The main job: every variant x 3 seeds on the embedded defaults (local Ray, synthetic data, ./mlflow.db).
 sweep: setup
-	$(PY) -m orchestrator.sweep --task classification $(ARGS)
+	$(PY) -m orchestrator.sweep --task segmentation $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q
@@ -28,6 +28,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m benchmarks.convs
+	$(PY) -m benchmarks.segmentation
 	$(PY) -m benchmarks.sweep
 
 docs: setup

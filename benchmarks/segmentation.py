@@ -1,0 +1,118 @@
+"""DeepLabV3+ per conv variant: training images per second relative to zero padding, and the wall time of the
+three evaluation modes (whole image, tiles, tiles with 1/3 overlap) relative to the whole-image mode.
+
+    python -m benchmarks.segmentation [--device auto|cpu|cuda] [--preset cpu|thesis] [--batch N]
+                                      [--height PX] [--rounds N] [--variants NAME...]
+
+The model is the segmentation task's own (`--preset cpu`: ResNet18 backbone, small heads; `--preset thesis`:
+wide_resnet50_2, output stride 8, the default on a GPU). Training: one SGD step (forward, loss, backward,
+update) on a batch of 2:1 images, all variants interleaved round-robin so machine noise hits them alike;
+medians. Evaluation: `task.evaluate`'s code paths on one 2:1 image with square tiles of the image height, as
+Cityscapes' 1024 x 2048 images with 1024 x 1024 tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import convs
+from benchmarks.common import describe, interleaved, median, pick_device, table
+from tasks import get_task
+from tasks.segmentation import overlap_stride, predict_tiled
+
+
+def build(variant: str, preset, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = get_task("segmentation").build_model(preset, num_classes=19)
+    convs.convert(model, variant)
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
+    parser.add_argument("--preset", default=None, help="model of this segmentation preset (default: thesis on GPU, cpu)")
+    parser.add_argument("--batch", type=int, default=None, help="training batch size (default 8 on CPU, 4 on GPU)")
+    parser.add_argument("--height", type=int, default=None, help="image height; width is twice (default 64 CPU, 512 GPU)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument("--variants", nargs="+", default=sorted(convs.VARIANTS), help="variants to measure")
+    args = parser.parse_args(argv)
+    for v in args.variants:
+        convs.get(v)
+    variants = ["zero"] + [v for v in args.variants if v != "zero"]
+    device = pick_device(args.device)
+    gpu = device.type == "cuda"
+    task = get_task("segmentation")
+    preset_name = args.preset or ("thesis" if gpu else "cpu")
+    if preset_name not in task.presets:
+        parser.error(f"unknown preset {preset_name!r}; choose from {', '.join(task.presets)}")
+    preset = task.presets[preset_name]
+    batch, height = args.batch or (4 if gpu else 8), args.height or (512 if gpu else 64)
+    amp = gpu
+
+    models = {v: build(v, preset, device, gpu) for v in variants}
+    optimizers = {v: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for v, m in models.items()}
+    x = torch.randn(batch, 3, height, 2 * height, device=device)
+    y = torch.randint(0, 19, (batch, height, 2 * height), device=device)
+
+    def train_step(variant: str):
+        model, optimizer = models[variant].train(), optimizers[variant]
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = F.cross_entropy(model(x).float(), y, ignore_index=255)
+            loss.backward()
+            optimizer.step()
+
+        return step
+
+    train_times = interleaved(
+        {v: train_step(v) for v in variants}, rounds=args.rounds, warmup=args.warmup, device=device
+    )
+    base = median(train_times["zero"])
+    train_rows = [
+        [v, f"{batch / median(t):.1f}", f"{base / median(t):.2f}x", f"{median(t) / base:.2f}x"]
+        for v, t in train_times.items()
+    ]
+
+    image = x[:1]
+    tile = height
+    modes = {
+        "whole image": lambda m: m(image),
+        "tiles": lambda m: predict_tiled(m, image, tile, tile),
+        "tiles, 1/3 overlap": lambda m: predict_tiled(m, image, tile, overlap_stride(tile)),
+    }
+    eval_rows = []
+    for v in variants:
+        model = models[v].eval()
+
+        def run(mode):
+            @torch.no_grad()
+            def step() -> None:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    modes[mode](model)
+
+            return step
+
+        times = interleaved({mode: run(mode) for mode in modes}, rounds=args.rounds, warmup=args.warmup, device=device)
+        whole = median(times["whole image"])
+        eval_rows.append([v, *(f"{median(times[m]) * 1e3:.0f} ms ({median(times[m]) / whole:.2f}x)" for m in modes)])
+
+    print(
+        f"\nDeepLabV3+ ({preset.model}, preset {preset_name}) training step, batch {batch} x 3 x {height} x "
+        f"{2 * height}, amp={amp}, {args.rounds} interleaved rounds (median)"
+    )
+    print(f"device: {describe(device)}\n")
+    print(table(["variant", "train images/s", "throughput vs zero", "step time vs zero"], train_rows))
+    print(f"\nEvaluation of one {height} x {2 * height} image, square tiles of {tile} px; time relative to whole image\n")
+    print(table(["variant", *modes], eval_rows))
+
+
+if __name__ == "__main__":
+    main()
