@@ -35,9 +35,13 @@ def build(variant: str, preset, device: torch.device, channels_last: bool) -> to
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
-    parser.add_argument("--preset", default=None, help="model of this segmentation preset (default: thesis on GPU, cpu)")
+    parser.add_argument(
+        "--preset", default=None, help="model of this segmentation preset (default: thesis on GPU, cpu)"
+    )
     parser.add_argument("--batch", type=int, default=None, help="training batch size (default 8 on CPU, 4 on GPU)")
-    parser.add_argument("--height", type=int, default=None, help="image height; width is twice (default 64 CPU, 512 GPU)")
+    parser.add_argument(
+        "--height", type=int, default=None, help="image height; width is twice (default 64 CPU, 512 GPU)"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--variants", nargs="+", default=sorted(convs.VARIANTS), help="variants to measure")
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     for v in variants:
         model = models[v].eval()
 
-        def run(mode):
+        def run(mode, model=model):
             @torch.no_grad()
             def step() -> None:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -110,7 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"device: {describe(device)}\n")
     print(table(["variant", "train images/s", "throughput vs zero", "step time vs zero"], train_rows))
-    print(f"\nEvaluation of one {height} x {2 * height} image, square tiles of {tile} px; time relative to whole image\n")
+    print(
+        f"\nEvaluation of one {height} x {2 * height} image, square tiles of {tile} px; time relative to whole image\n"
+    )
     print(table(["variant", *modes], eval_rows))
 
 

@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
         ray.shutdown()
     bare_start, bare_trial = split(bare[1], bare[args.trials], args.trials)
     proj_start, proj_trial = split(proj[1], proj[args.trials], args.trials)
-    print(f"\nSweep overhead, 1 and {args.trials} sequential trials x {args.epochs} epoch(s), smoke preset, local Ray\n")
+    print(
+        f"\nSweep overhead, 1 and {args.trials} sequential trials x {args.epochs} epoch(s), smoke preset, local Ray\n"
+    )
     print(
         table(
             ["path", f"wall s ({args.trials} trials)", "inside loop s", "start-up s", "overhead per trial s", "ratio"],

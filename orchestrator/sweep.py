@@ -39,7 +39,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog="python -m orchestrator.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--task", default="segmentation", help=f"task to run; one of {', '.join(sorted(tasks.TASKS))} (default segmentation)"
+        "--task",
+        default="segmentation",
+        help=f"task to run; one of {', '.join(sorted(tasks.TASKS))} (default segmentation)",
     )
     p.add_argument(
         "--variants",

@@ -29,8 +29,11 @@ from .classification import IMAGENET_MEAN, IMAGENET_STD, _seed_worker
 
 IGNORE = 255
 # The 19 evaluated classes, in train-id order, and the raw label id -> train id map (every other id -> 255).
-TRAIN_CLASSES = tuple(c.name for c in sorted(torchvision.datasets.Cityscapes.classes, key=lambda c: c.train_id)
-                      if 0 <= c.train_id < IGNORE)
+TRAIN_CLASSES = tuple(
+    c.name
+    for c in sorted(torchvision.datasets.Cityscapes.classes, key=lambda c: c.train_id)
+    if 0 <= c.train_id < IGNORE
+)
 ID_TO_TRAIN = {c.id: c.train_id for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < IGNORE}
 _LUT = torch.full((256,), IGNORE, dtype=torch.long)
 for _id, _train in ID_TO_TRAIN.items():
@@ -174,7 +177,8 @@ class SegmentationTask:
                 problems.append(f"{first.relative_to(root)} has no label file {label.relative_to(root)}")
         if problems:
             raise LayoutError(
-                f"{root} does not look like a Cityscapes dataset: {'; '.join(problems)}.\nExpected layout:\n{self.layout}"
+                f"{root} does not look like a Cityscapes dataset: {'; '.join(problems)}.\n"
+                f"Expected layout:\n{self.layout}"
             )
 
     def dataset(self, root: Path, preset: Preset, split: str) -> Dataset:
@@ -217,8 +221,13 @@ class SegmentationTask:
         a network that knows where the image ends can tell them apart, so border handling changes the score, and
         tiles cut vehicles at artificial borders.
         """
-        spec = {"cities": {"train": ["aachen", "bochum"], "val": ["frankfurt"]}, "per_city": 8, "width": 128,
-                "height": 64, **preset.synthetic}
+        spec = {
+            "cities": {"train": ["aachen", "bochum"], "val": ["frankfurt"]},
+            "per_city": 8,
+            "width": 128,
+            "height": 64,
+            **preset.synthetic,
+        }
         rng = np.random.default_rng(seed)
         root = Path(root)
         for split, cities in spec["cities"].items():
@@ -318,8 +327,10 @@ class DeepLabV3Plus(nn.Module):
         super().__init__()
         builder = getattr(torchvision.models, backbone, None)
         if builder is None or not backbone.startswith(("resnet", "wide_resnet", "resnext")):
-            raise ValueError(f"Unknown backbone {backbone!r}: expected a torchvision ResNet, e.g. resnet18, "
-                             "resnet50, wide_resnet50_2")
+            raise ValueError(
+                f"Unknown backbone {backbone!r}: expected a torchvision ResNet, e.g. resnet18, "
+                "resnet50, wide_resnet50_2"
+            )
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         net = builder(weights=None)
@@ -329,7 +340,9 @@ class DeepLabV3Plus(nn.Module):
             _dilate(net.layer3, 2)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        low_in = net.layer1[-1].conv3.out_channels if hasattr(net.layer1[-1], "conv3") else net.layer1[-1].conv2.out_channels
+        low_in = (
+            net.layer1[-1].conv3.out_channels if hasattr(net.layer1[-1], "conv3") else net.layer1[-1].conv2.out_channels
+        )
         high_in = net.fc.in_features
         self.aspp = ASPP(high_in, list(aspp_rates), aspp_channels)
         self.low_level = nn.Sequential(
@@ -373,8 +386,12 @@ def _street_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np
     labels[yy >= road] = ROAD
     labels[yy >= height - max(1, round(0.06 * height))] = EGO  # the ego vehicle's bonnet: ignored in evaluation
     colours = {
-        SKY: (110, 150, 205), BUILDING: (95, 85, 80), VEGETATION: (60, 115, 45), SIDEWALK: (170, 150, 160),
-        ROAD: (90, 80, 95), EGO: (20, 20, 25),
+        SKY: (110, 150, 205),
+        BUILDING: (95, 85, 80),
+        VEGETATION: (60, 115, 45),
+        SIDEWALK: (170, 150, 160),
+        ROAD: (90, 80, 95),
+        EGO: (20, 20, 25),
     }
     image = np.zeros((height, width, 3), np.float32)
     for label_id, colour in colours.items():
@@ -412,10 +429,19 @@ def _presets() -> dict[str, Preset]:
         image_size=128,  # clipped to the 64 x 128 synthetic images: they train whole
         tile_size=64,  # square tiles of the image height, as 1024 x 1024 tiles of Cityscapes' 1024 x 2048
         scale_range=(1.0, 1.0),
-        model_options={"output_stride": 8, "aspp_rates": (3, 6, 9), "aspp_channels": 64, "decoder_channels": 64,
-                       "low_level_channels": 24},
-        synthetic={"cities": {"train": ["aachen", "bochum", "bremen"], "val": ["frankfurt", "lindau"]},
-                   "per_city": 24, "width": 128, "height": 64},
+        model_options={
+            "output_stride": 8,
+            "aspp_rates": (3, 6, 9),
+            "aspp_channels": 64,
+            "decoder_channels": 64,
+            "low_level_channels": 24,
+        },
+        synthetic={
+            "cities": {"train": ["aachen", "bochum", "bremen"], "val": ["frankfurt", "lindau"]},
+            "per_city": 24,
+            "width": 128,
+            "height": 64,
+        },
     )
     return {
         # Thesis Table 4.3 / 4.4 recipe (NVIDIA semantic-segmentation): 175 epochs, SGD 1e-3, poly 1.0, crop 536,
@@ -441,8 +467,12 @@ def _presets() -> dict[str, Preset]:
             epochs=4,
             batch_size=8,
             max_batches=6,
-            synthetic={"cities": {"train": ["aachen", "bochum"], "val": ["frankfurt"]}, "per_city": 24,
-                       "width": 64, "height": 32},
+            synthetic={
+                "cities": {"train": ["aachen", "bochum"], "val": ["frankfurt"]},
+                "per_city": 24,
+                "width": 64,
+                "height": 32,
+            },
             tile_size=32,
         ),
     }

@@ -56,6 +56,12 @@ def test_every_variant_learns_and_the_table_shows_the_three_modes(ray_session, t
     ours = out[out.index("difference to zero") :]
     rows = [line for line in ours.splitlines() if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in rows[1:]] == ["zero", "affine", "edge", "gated", "partial"]
-    for column in ("best/miou seed 0", "best/miou_tile seed 1", "best/miou_tile_overlap mean", "best/miou std",
-                   "best/miou_tile_overlap diff to zero", "last5/miou mean"):
+    for column in (
+        "best/miou seed 0",
+        "best/miou_tile seed 1",
+        "best/miou_tile_overlap mean",
+        "best/miou std",
+        "best/miou_tile_overlap diff to zero",
+        "last5/miou mean",
+    ):
         assert column in rows[0]

@@ -72,7 +72,7 @@ def test_read_by_torchvision_cityscapes_and_the_task_loader(task, root):
     assert (labels == IGNORE).any()  # the ego vehicle is ignored, as in Cityscapes
     # the loader's labels are the raw label ids mapped to train ids, pixel for pixel (files in sorted order)
     images, labels = next(iter(val))
-    first = sorted(zip(raw.images, raw.targets))[0]
+    first = sorted(zip(raw.images, raw.targets, strict=True))[0]
     raw_ids = np.array(Image.open(first[1][0]))
     expected = torch.tensor([[CITYSCAPES_TRAIN_IDS.get(int(v), IGNORE) for v in row] for row in raw_ids])
     assert torch.equal(labels[0], expected)
