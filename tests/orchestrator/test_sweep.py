@@ -119,7 +119,9 @@ def test_unknown_names_list_the_choices(tmp_path):
 def test_data_root_without_the_layout_shows_the_expected_one(tmp_path):
     (tmp_path / "images").mkdir()
     with pytest.raises(SystemExit, match=r"missing folder(.|\n)*Expected layout:(.|\n)*ROOT/val/<wnid>/<name>.JPEG"):
-        sweep.main(["--data-root", str(tmp_path), "--preset", "smoke"])
+        sweep.main(["--task", "classification", "--data-root", str(tmp_path), "--preset", "smoke"])
+    with pytest.raises(SystemExit, match=r"Cityscapes(.|\n)*Expected layout:(.|\n)*_gtFine_labelIds.png"):
+        sweep.main(["--data-root", str(tmp_path), "--preset", "smoke"])  # segmentation, the default task
 
 
 def test_unreachable_tracking_server_and_ray_address_fail_fast(tmp_path, monkeypatch):
