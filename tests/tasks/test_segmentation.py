@@ -1,6 +1,7 @@
 """The segmentation task: Cityscapes layout read by the real loaders, mIoU, tiled evaluation, DeepLabV3+."""
 
 import math
+import random
 import shutil
 
 import numpy as np
@@ -13,10 +14,12 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 import convs
 from tasks import LayoutError, ensure_synthetic, get_task
+from tasks.classification import IMAGENET_MEAN, IMAGENET_STD
 from tasks.segmentation import (
     IGNORE,
     TRAIN_CLASSES,
     DeepLabV3Plus,
+    JointTransform,
     confusion_matrix,
     iou_per_class,
     mean_iou,
@@ -191,3 +194,21 @@ def test_deeplab_output_stride_and_wide_backbone():
         DeepLabV3Plus("vgg16")
     with pytest.raises(ValueError, match="output_stride"):
         DeepLabV3Plus("resnet18", output_stride=4)
+
+
+def test_training_transform_keeps_image_and_labels_aligned():
+    """Random crop, padding and flip move image and labels together; padding is label 255; scaling keeps ids."""
+    rng = np.random.default_rng(0)
+    ids = rng.choice([7, 8, 11, 26], size=(24, 48)).astype(np.uint8)
+    image = Image.fromarray(np.repeat(ids[..., None] * 9, 3, axis=2))  # the pixel value encodes the label
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    for seed in range(8):
+        random.seed(seed)
+        x, y = JointTransform(32, (1.0, 1.0), train=True)(image, Image.fromarray(ids))
+        assert x.shape == (3, 24, 32) and y.shape == (24, 32)  # the crop is clipped to the image height
+        raw = ((x * std + mean) * 255).round().long()[0] // 9
+        assert torch.equal(to_train_ids(raw), y)
+        random.seed(seed)
+        x, y = JointTransform(32, (0.5, 0.5), train=True)(image, Image.fromarray(ids))  # 12 x 24: padded to 24 x 32
+        assert x.shape == (3, 24, 32) and (y[12:] == IGNORE).all() and (x[:, 12:] == 0).all()
+        assert (y[:12] != IGNORE).sum() == 12 * 24 and set(y.unique().tolist()) <= {0, 1, 2, 13, IGNORE}
