@@ -418,7 +418,7 @@ def _street_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np
 def _presets() -> dict[str, Preset]:
     cpu = Preset(
         model="resnet18",
-        epochs=6,
+        epochs=12,
         batch_size=8,
         eval_batch_size=8,
         optimizer="adam",
@@ -429,15 +429,15 @@ def _presets() -> dict[str, Preset]:
         image_size=128,  # clipped to the 64 x 128 synthetic images: they train whole
         tile_size=64,  # square tiles of the image height, as 1024 x 1024 tiles of Cityscapes' 1024 x 2048
         scale_range=(1.0, 1.0),
-        model_options={
-            "output_stride": 8,
-            "aspp_rates": (3, 6, 9),
+        model_options={  # output stride 16: a third of the time of stride 8 at this size
+            "output_stride": 16,
+            "aspp_rates": (2, 4, 6),
             "aspp_channels": 64,
             "decoder_channels": 64,
             "low_level_channels": 24,
         },
         synthetic={
-            "cities": {"train": ["aachen", "bochum", "bremen"], "val": ["frankfurt", "lindau"]},
+            "cities": {"train": ["aachen", "bochum", "bremen"], "val": ["frankfurt"]},
             "per_city": 24,
             "width": 128,
             "height": 64,
