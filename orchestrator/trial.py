@@ -108,7 +108,9 @@ def run_trial(config: dict[str, Any]) -> None:
             storage_path=sweep["train_storage"],
             callbacks=[TuneReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=sweep["max_failures"]),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Only the latest checkpoint is needed to resume (Ray registers a new one before deleting the old),
+            # and an edge or affine model with its optimizer state is several times the size of the plain one.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
     )
     try:
