@@ -9,6 +9,15 @@ from collections.abc import Callable
 import torch
 
 
+def with_baseline(variants: list[str]) -> list[str]:
+    """The variants to measure, each checked by name, with `zero` (the baseline of every ratio) first."""
+    import convs
+
+    for v in variants:
+        convs.get(v)
+    return ["zero"] + [v for v in variants if v != "zero"]
+
+
 def pick_device(name: str) -> torch.device:
     """'auto' -> cuda when present, else cpu."""
     if name == "auto":

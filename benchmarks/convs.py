@@ -27,6 +27,7 @@ from benchmarks.common import (
     pick_device,
     saved_activation_bytes,
     table,
+    with_baseline,
 )
 
 # Targets from the foundation issue: time of a forward+backward step relative to the zero-padding model.
@@ -142,9 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         help="channels_last memory format (default: on for GPU, off for CPU)",
     )
     args = parser.parse_args(argv)
-    for v in args.variants:
-        convs.get(v)
-    variants = ["zero"] + [v for v in args.variants if v != "zero"]
+    variants = with_baseline(args.variants)
     device = pick_device(args.device)
     gpu = device.type == "cuda"
     batch = args.batch or (64 if gpu else 8)

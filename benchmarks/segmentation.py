@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import convs
-from benchmarks.common import describe, interleaved, median, pick_device, table
+from benchmarks.common import describe, interleaved, median, pick_device, table, with_baseline
 from tasks import get_task
 from tasks.segmentation import overlap_stride, predict_tiled
 
@@ -46,9 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--variants", nargs="+", default=sorted(convs.VARIANTS), help="variants to measure")
     args = parser.parse_args(argv)
-    for v in args.variants:
-        convs.get(v)
-    variants = ["zero"] + [v for v in args.variants if v != "zero"]
+    variants = with_baseline(args.variants)
     device = pick_device(args.device)
     gpu = device.type == "cuda"
     task = get_task("segmentation")

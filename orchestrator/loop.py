@@ -98,10 +98,10 @@ def train_one_epoch(model, task, loader, optimizer, device, preset, epoch: int) 
     return total / max(count, 1)
 
 
-def summarize(history: list[dict[str, float]], metrics: str | tuple[str, ...]) -> dict[str, float]:
+def summarize(history: list[dict[str, float]], metrics: tuple[str, ...]) -> dict[str, float]:
     """The thesis' two per-run numbers for each metric: best value over all epochs, and mean of the last 5 epochs."""
     summary = {}
-    for metric in (metrics,) if isinstance(metrics, str) else metrics:
+    for metric in metrics:
         values = [h[metric] for h in history]
         name = metric.split("/", 1)[-1]
         summary.update({f"best/{name}": max(values), f"last5/{name}": statistics.fmean(values[-5:])})

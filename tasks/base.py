@@ -6,14 +6,16 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import shutil
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class LayoutError(ValueError):
@@ -74,6 +76,31 @@ class Task(Protocol):
     def build_model(self, preset: Preset, *, num_classes: int) -> nn.Module: ...
     def loss(self, output: Any, target: torch.Tensor) -> torch.Tensor: ...
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device, preset: Preset) -> dict: ...
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader worker seeding from torch's per-worker seed, so augmentation is reproducible."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def sharded_loaders(
+    train: Dataset, val: Dataset, preset: Preset, *, rank: int, world_size: int, seed: int, workers: int, where: str
+) -> tuple[DataLoader, DataLoader]:
+    """Train loader sharded over the Ray Train workers (seeded order, a new one every epoch); the whole validation
+    split on every worker. `where` names the training images in the error for a split smaller than one batch."""
+    sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    common = dict(num_workers=workers, worker_init_fn=_seed_worker, generator=generator, pin_memory=False)
+    train_loader = DataLoader(train, batch_size=preset.batch_size, sampler=sampler, drop_last=True, **common)
+    if len(train_loader) == 0:
+        raise LayoutError(
+            f"{where} holds {len(train)} images, fewer than one batch of {preset.batch_size} per worker "
+            f"x {world_size} workers"
+        )
+    val_loader = DataLoader(val, batch_size=preset.eval_batch_size or preset.batch_size, shuffle=False, **common)
+    return train_loader, val_loader
 
 
 def ensure_synthetic(task: Task, preset: Preset, cache_dir: Path, *, seed: int = 0) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import random
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -13,10 +12,10 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from .base import LayoutError, Preset
+from .base import LayoutError, Preset, sharded_loaders
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
@@ -37,13 +36,6 @@ def _transforms(preset: Preset, train: bool) -> transforms.Compose:
         crop = transforms.RandomResizedCrop(preset.image_size, scale=preset.crop_scale)
         return transforms.Compose([crop, transforms.RandomHorizontalFlip(), *norm])
     return transforms.Compose([transforms.Resize(preset.eval_size), transforms.CenterCrop(preset.image_size), *norm])
-
-
-def _seed_worker(worker_id: int) -> None:
-    """DataLoader worker seeding from torch's per-worker seed, so augmentation is reproducible."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 # A laptop-sized comparison: a small ResNet at low resolution on the synthetic data (Adam: BatchNorm statistics
@@ -130,17 +122,8 @@ class ClassificationTask:
     ) -> tuple[DataLoader, DataLoader]:
         """Train loader sharded over the Ray Train workers (seeded order); the full validation loader."""
         train, val = self.dataset(root, preset, "train"), self.dataset(root, preset, "val")
-        sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-        generator = torch.Generator().manual_seed(seed)
-        common = dict(num_workers=workers, worker_init_fn=_seed_worker, generator=generator, pin_memory=False)
-        train_loader = DataLoader(train, batch_size=preset.batch_size, sampler=sampler, drop_last=True, **common)
-        if len(train_loader) == 0:
-            raise LayoutError(
-                f"{root}/train holds {len(train)} images, fewer than one batch of {preset.batch_size} per worker "
-                f"x {world_size} workers"
-            )
-        val_loader = DataLoader(val, batch_size=preset.eval_batch_size or preset.batch_size, shuffle=False, **common)
-        return train_loader, val_loader
+        common = dict(rank=rank, world_size=world_size, seed=seed, workers=workers)
+        return sharded_loaders(train, val, preset, **common, where=f"{root}/train")
 
     def write_synthetic(self, root: Path, preset: Preset, *, seed: int = 0) -> None:
         """Write a small dataset in the real ImageNet layout whose labels depend on content at the image border."""

@@ -20,12 +20,12 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.transforms import functional as TF
 
-from .base import LayoutError, Preset
-from .classification import IMAGENET_MEAN, IMAGENET_STD, _seed_worker
+from .base import LayoutError, Preset, sharded_loaders
+from .classification import IMAGENET_MEAN, IMAGENET_STD
 
 IGNORE = 255
 # The 19 evaluated classes, in train-id order, and the raw label id -> train id map (every other id -> 255).
@@ -197,17 +197,8 @@ class SegmentationTask:
     ) -> tuple[DataLoader, DataLoader]:
         """Train loader sharded over the Ray Train workers (seeded order); the whole validation split, full size."""
         train, val = self.dataset(root, preset, "train"), self.dataset(root, preset, "val")
-        sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-        generator = torch.Generator().manual_seed(seed)
-        common = dict(num_workers=workers, worker_init_fn=_seed_worker, generator=generator, pin_memory=False)
-        train_loader = DataLoader(train, batch_size=preset.batch_size, sampler=sampler, drop_last=True, **common)
-        if len(train_loader) == 0:
-            raise LayoutError(
-                f"{root}/leftImg8bit/train holds {len(train)} images, fewer than one batch of {preset.batch_size} "
-                f"per worker x {world_size} workers"
-            )
-        val_loader = DataLoader(val, batch_size=preset.eval_batch_size, shuffle=False, **common)
-        return train_loader, val_loader
+        common = dict(rank=rank, world_size=world_size, seed=seed, workers=workers)
+        return sharded_loaders(train, val, preset, **common, where=f"{root}/leftImg8bit/train")
 
     def num_classes(self, root: Path) -> int:
         return len(TRAIN_CLASSES)
