@@ -5,12 +5,15 @@ from .gated import AffineGatedConv2d, GatedConv2d
 from .masked import Masked
 from .masks import MaskFlow
 from .partial import PartialConv2d
+from .policy import ConvReplacement, ConvSite
 from .surgery import VARIANTS, convert, get
 
 __all__ = [
     "VARIANTS",
     "REGIONS",
     "AffineGatedConv2d",
+    "ConvReplacement",
+    "ConvSite",
     "EdgeConv2d",
     "GatedConv2d",
     "Masked",

@@ -12,6 +12,7 @@ from torch import nn
 
 from .geometry import check_padding_mode, conv_kwargs
 from .masks import active_flow, check_mask
+from .policy import ConvReplacement, ConvSite
 
 NORM_PLACEMENTS = ("outside", "inside")
 
@@ -40,7 +41,7 @@ class _Gate(torch.autograd.Function):
         return grad_y, None
 
 
-class GatedConv2d(nn.Conv2d):
+class GatedConv2d(ConvReplacement, nn.Conv2d):
     """Gated convolution: feature and gate come from one convolution with twice the output channels.
 
     norm="outside" (the default, thesis eq. 3.12): the layer returns `act(feature) * sigmoid(gate)` with `act`
@@ -62,6 +63,8 @@ class GatedConv2d(nn.Conv2d):
     BRANCHES: ClassVar[tuple[str, ...]] = ("feature", "gate")
     # Whether `convert` gives every layer the mask channel (True) or only the first one (False).
     MASK_EVERY_LAYER: ClassVar[bool] = False
+    # `from_conv`'s BatchNorm to absorb comes from the site (the module after the conv), never from the user.
+    SITE_ARGUMENTS: ClassVar[tuple[str, ...]] = ("bn",)
 
     def __init__(
         self,
@@ -139,6 +142,37 @@ class GatedConv2d(nn.Conv2d):
         healthy gradient); the feature half is scaled by 1 / sigmoid(open_logit) so that the product equals the
         source conv (for "inside", the BatchNorm's affine part is scaled instead, exact for ReLU-like
         activations, which are positively homogeneous). Other branches and mask-channel weights start at zero.
+
+        Args:
+            conv: the source convolution (zero padding); it is not modified.
+            norm: "outside" (eq. 3.12, the model's own BatchNorm and activation follow) or "inside" (eq. 3.11,
+                the layer owns them).
+            activation: the activation of norm="inside" (default nn.ReLU); the identity for "outside".
+            mask_channel: take the validity mask as an extra input channel (default: the class's
+                MASK_EVERY_LAYER).
+            bn: for norm="inside", the BatchNorm2d (affine) that followed `conv`; a scaled copy moves into the
+                layer. None: no normalisation.
+            open_logit: the gate's starting logit.
+
+        Returns:
+            A layer on `conv`'s device and dtype, in its train/eval mode, that computes `conv(x)` (norm="outside")
+            or `activation(bn(conv(x)))` (norm="inside").
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> import convs
+            >>> _ = torch.manual_seed(0)
+            >>> conv, x = nn.Conv2d(3, 8, 3, padding=1), torch.randn(2, 3, 10, 10)
+            >>> layer = convs.GatedConv2d.from_conv(conv)
+            >>> torch.allclose(layer(x), conv(x), atol=1e-5)
+            True
+            >>> bn = nn.BatchNorm2d(8).eval()
+            >>> inside = convs.GatedConv2d.from_conv(conv.eval(), norm="inside", bn=bn)
+            >>> torch.allclose(inside(x), torch.relu(bn(conv(x))), atol=1e-5)
+            True
+            >>> convs.AffineGatedConv2d.from_conv(conv)(x).shape  # the affine variant starts from conv too
+            torch.Size([2, 8, 10, 10])
         """
         layer = cls(
             **conv_kwargs(conv),
@@ -164,6 +198,49 @@ class GatedConv2d(nn.Conv2d):
             layer.bn = _scaled_copy(bn, scale) if bn is not None else nn.Identity()
         layer.train(conv.training)
         return layer
+
+    @classmethod
+    def replacements(
+        cls,
+        site: ConvSite,
+        *,
+        mask_channel: bool = True,
+        norm: Literal["outside", "inside"] = "outside",
+        **options,
+    ) -> dict[nn.Module, nn.Module]:
+        """`convert`'s policy for gated layers: the mask channel where it belongs, and BatchNorm absorption.
+
+        Args:
+            site: the conv to replace, whether it is the first one of the `convert` call, and the module after it.
+            mask_channel: False gives no layer the mask channel; True (default) gives it to the first converted
+                conv only, or to every one for a MASK_EVERY_LAYER class (affine).
+            norm: with "inside", a BatchNorm2d registered right after the conv (same parent, as many features as
+                the conv has output channels) moves into the layer, and an nn.Identity takes its place.
+            **options: the other `from_conv` options (activation, open_logit).
+
+        Returns:
+            {conv: gated layer}, plus {batch norm: nn.Identity()} when one was absorbed.
+
+        Example:
+            >>> from torch import nn
+            >>> import convs
+            >>> conv, bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            >>> site = convs.ConvSite("0", conv, following=bn, first=True)
+            >>> changes = convs.GatedConv2d.replacements(site, norm="inside")
+            >>> [type(new).__name__ for new in changes.values()]
+            ['GatedConv2d', 'Identity']
+            >>> changes[conv].mask_channel, changes[conv].bn is not bn  # the first layer; bn is a scaled copy
+            (True, True)
+        """
+        bn = site.following if norm == "inside" and _absorbable(site.following, site.conv) else None
+        layer = cls.from_conv(
+            site.conv,
+            norm=norm,
+            mask_channel=bool(mask_channel) and (site.first or cls.MASK_EVERY_LAYER),
+            bn=bn,
+            **options,
+        )
+        return {site.conv: layer} if bn is None else {site.conv: layer, bn: nn.Identity()}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", norm={self.norm!r}" + (", mask_channel=True" if self.mask_channel else "")
@@ -241,6 +318,10 @@ class AffineGatedConv2d(GatedConv2d):
     def _combine(self, y: torch.Tensor) -> torch.Tensor:
         feature, gate, shift = self._split(y)
         return self.act(self.bn(feature)) * torch.sigmoid(gate) + shift
+
+
+def _absorbable(module: nn.Module | None, conv: nn.Conv2d) -> bool:
+    return isinstance(module, nn.BatchNorm2d) and module.num_features == conv.out_channels
 
 
 def _scaled_copy(bn: nn.BatchNorm2d, scale: float) -> nn.BatchNorm2d:

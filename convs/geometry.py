@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
 
 SUPPORTED_PADDING_MODES = ("zeros",)
+V = TypeVar("V")
 
 
 def check_padding_mode(padding_mode: str, owner: str) -> None:
@@ -64,6 +68,16 @@ class AxisPlan:
         return lo, hi, lo - first, last - hi
 
     @property
+    def spans(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """Output ranges [start, stop) whose windows leave the image before it, stay inside, and leave after it.
+
+        A window that leaves both sides (tiny inputs) counts as 'before'; the inside range may be empty.
+        """
+        head = min(self.low, self.out)
+        tail = max(self.out - self.high, head)
+        return (0, head), (head, tail), (tail, self.out)
+
+    @property
     def touches_padding(self) -> bool:
         return self.low > 0 or self.high > 0
 
@@ -94,6 +108,36 @@ def conv_plans(conv: nn.Conv2d, height: int, width: int) -> tuple[AxisPlan, Axis
     # Under torch.compile the plan is traced once per input shape anyway; skip the cache wrapper dynamo warns on.
     plan = axis_plan.__wrapped__ if torch.compiler.is_compiling() else axis_plan
     return plan(height, kh, sh, dh, pt, pb), plan(width, kw, sw, dw, pl, pr)
+
+
+class SizeCache(Generic[V]):
+    """A layer's values per input size (or any hashable key), least recently used first out past `maxsize`.
+
+    While torch.compile traces, values are computed afresh and the cache is left alone: the graph is specialised
+    on the input shape anyway, and reading or writing a Python dict would only add guards and side effects.
+    """
+
+    def __init__(self, maxsize: int = 64) -> None:
+        self.maxsize = maxsize
+        self._values: OrderedDict[Hashable, V] = OrderedDict()
+
+    def lookup(self, key: Hashable, compute: Callable[[], V]) -> V:
+        """The value stored under `key`; on a miss, `compute()` stored under it."""
+        if torch.compiler.is_compiling():
+            return compute()
+        if key in self._values:
+            self._values.move_to_end(key)
+            return self._values[key]
+        value = self._values[key] = compute()
+        if len(self._values) > self.maxsize:
+            self._values.popitem(last=False)
+        return value
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
 
 
 def conv_kwargs(conv: nn.Conv2d) -> dict:

@@ -23,6 +23,26 @@ class Masked(nn.Module):
     padding-only mode. The hand-off uses a context variable, so threads and several models run independently.
 
     Convert first, then wrap: the layers are collected here. Edge conv handles padding only and ignores holes.
+
+    Args:
+        model: a model converted with `convs.convert` (partial, gated or affine); it is used as is, not copied.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import convs
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2, padding=1))
+        >>> convs.convert(model, "partial")
+        2
+        >>> masked = convs.Masked(model)
+        >>> x, mask = torch.randn(1, 3, 16, 16), torch.ones(1, 1, 16, 16)
+        >>> mask[..., 4:10, 4:10] = 0  # a 6x6 hole
+        >>> out = masked(x, mask)
+        >>> out.shape
+        torch.Size([1, 4, 8, 8])
+        >>> torch.allclose(masked(x.masked_fill(mask == 0, 5.0), mask), out)  # what lies under the hole is ignored
+        True
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -31,7 +51,35 @@ class Masked(nn.Module):
         self._layers = frozenset(id(m) for m in model.modules() if isinstance(m, MASK_AWARE))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *args, return_masks: bool = False, **kwargs):
-        """`model(x, *args, **kwargs)` with `mask` flowing; with `return_masks`, also {(H, W): mask} of the pass."""
+        """`model(x, *args, **kwargs)` with `mask` flowing; with `return_masks`, also {(H, W): mask} of the pass.
+
+        Args:
+            x: the input, (N, C, H, W).
+            mask: (N or 1, 1 or C, H, W), float in [0, 1] or bool, 1 = valid pixel; None runs the plain model.
+            *args, **kwargs: passed on to the model.
+            return_masks: also return the masks of the pass, keyed by spatial size.
+
+        Returns:
+            The model's output; with `return_masks`, `(output, {(H, W): mask})` (an empty dict without a mask).
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> import convs
+            >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2, padding=1))
+            >>> convs.convert(model, "partial")
+            2
+            >>> masked = convs.Masked(model)
+            >>> x, mask = torch.randn(1, 3, 16, 16), torch.ones(1, 1, 16, 16)
+            >>> mask[..., 4:10, 4:10] = 0  # a 6x6 hole
+            >>> out, masks = masked(x, mask, return_masks=True)
+            >>> sorted(masks)
+            [(8, 8), (16, 16)]
+            >>> int((masks[(16, 16)] == 0).sum())  # the first 3x3 layer shrank the hole to 4x4
+            16
+            >>> torch.equal(masked(x), model(x))  # without a mask: the model as it is
+            True
+        """
         if mask is None:
             out = self.model(x, *args, **kwargs)
             return (out, {}) if return_masks else out

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Self
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .geometry import AxisPlan, check_padding_mode, conv_kwargs, conv_plans, copy_conv_params
+from .geometry import AxisPlan, SizeCache, check_padding_mode, conv_kwargs, conv_plans, copy_conv_params
 from .masks import active_flow, check_mask
-
-_CACHE_SIZE = 64
+from .policy import ConvReplacement
 
 
 def _ratio_strips(plan: AxisPlan) -> tuple[list[tuple[int, int, list[float]]], list[tuple[int, int]]]:
     """Border strips of one axis where the ratio differs from 1, and the runs of positions with no valid tap."""
     ratio = [plan.kernel / v if v else 0.0 for v in plan.valid]
-    head = min(plan.low, plan.out)
-    tail = max(plan.out - plan.high, head)
-    strips = [(a, b, ratio[a:b]) for a, b in ((0, head), (tail, plan.out)) if b > a]
+    before, _, after = plan.spans
+    strips = [(a, b, ratio[a:b]) for a, b in (before, after) if b > a]
     dead: list[tuple[int, int]] = []
     for i, v in enumerate(plan.valid):
         if v == 0:
@@ -31,7 +28,7 @@ def _ratio_strips(plan: AxisPlan) -> tuple[list[tuple[int, int, list[float]]], l
     return strips, dead
 
 
-class PartialConv2d(nn.Conv2d):
+class PartialConv2d(ConvReplacement, nn.Conv2d):
     """Partial convolution (Liu et al. 2018): re-weight each window by window size / valid pixels.
 
     `forward(x)` is the padding mode of "Partial Convolution based Padding" (2018): zero padding counts as
@@ -66,11 +63,37 @@ class PartialConv2d(nn.Conv2d):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
         self.multi_channel = multi_channel
-        self._strip_cache: OrderedDict[tuple, tuple] = OrderedDict()
+        self._strip_cache: SizeCache[tuple] = SizeCache()
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, multi_channel: bool = False) -> Self:
-        """Same geometry as `conv` and a copy of its weights."""
+        """Same geometry as `conv` and a copy of its weights.
+
+        Args:
+            conv: the source convolution (zero padding); it is not modified.
+            multi_channel: take per-channel masks (N, in_channels, H, W) in hole mode (NVIDIA's `multi_channel`).
+
+        Returns:
+            A layer on `conv`'s device and dtype, in its train/eval mode. It equals `conv` wherever the window lies
+            inside the image and re-weights the border windows by window / valid (eq. 3.6).
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> import convs
+            >>> _ = torch.manual_seed(0)
+            >>> conv = nn.Conv2d(3, 8, 3, padding=1)
+            >>> layer = convs.PartialConv2d.from_conv(conv)
+            >>> x = torch.randn(2, 3, 10, 10)
+            >>> out = layer(x)
+            >>> torch.allclose(out[..., 1:-1, 1:-1], conv(x)[..., 1:-1, 1:-1], atol=1e-6)  # the interior
+            True
+            >>> torch.allclose(out, conv(x), atol=1e-6)  # the border windows are re-weighted
+            False
+            >>> out, updated = layer(x, torch.ones(2, 1, 10, 10))  # hole mode: also the updated mask
+            >>> updated.shape
+            torch.Size([2, 1, 10, 10])
+        """
         layer = cls(
             **conv_kwargs(conv), device=conv.weight.device, dtype=conv.weight.dtype, multi_channel=multi_channel
         )
@@ -103,24 +126,18 @@ class PartialConv2d(nn.Conv2d):
     def _strips(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> tuple:
         """(row strips, column strips, dead rows, dead columns) with ratio tensors ready to broadcast."""
         key = (height, width, device, dtype)
-        compiling = torch.compiler.is_compiling()
-        if not compiling and key in self._strip_cache:
-            self._strip_cache.move_to_end(key)
-            return self._strip_cache[key]
+        return self._strip_cache.lookup(key, lambda: self._build_strips(height, width, device, dtype))
+
+    def _build_strips(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> tuple:
         rows, cols = conv_plans(self, height, width)
         row_strips, dead_rows = _ratio_strips(rows)
         col_strips, dead_cols = _ratio_strips(cols)
-        value = (
+        return (
             [(a, b, torch.tensor(r, device=device, dtype=dtype).view(1, 1, -1, 1)) for a, b, r in row_strips],
             [(a, b, torch.tensor(r, device=device, dtype=dtype).view(1, 1, 1, -1)) for a, b, r in col_strips],
             dead_rows,
             dead_cols,
         )
-        if not compiling:
-            self._strip_cache[key] = value
-            if len(self._strip_cache) > _CACHE_SIZE:
-                self._strip_cache.popitem(last=False)
-        return value
 
     def _forward_padding(self, x: torch.Tensor) -> torch.Tensor:
         out = self._conv_forward(x, self.weight, self.bias)

@@ -94,7 +94,7 @@ def test_strips_are_thin_and_cached():
     layer = EdgeConv2d(2, 2, 3, padding=1)
     boxes = layer.regions(64, 48)
     assert len(boxes) == 8
-    area = sum((r1 - r0) * (c1 - c0) for _, (r0, r1, c0, c1), _ in boxes)
+    area = sum((r1 - r0) * (c1 - c0) for _, (r0, r1, c0, c1), _, _ in boxes)
     assert area == 2 * 48 + 2 * 62  # one row top and bottom, one column left and right
     assert layer.regions(64, 48) is boxes
 
@@ -108,3 +108,13 @@ def test_no_padding_means_no_region_filters():
 def test_rejects_other_padding_modes():
     with pytest.raises(ValueError, match="only padding_mode='zeros'"):
         EdgeConv2d(3, 3, 3, padding=1, padding_mode="reflect")
+
+
+def test_one_column_strips_of_strided_layers_are_computed_wider_on_cpu():
+    """oneDNN's CPU bf16 conv is wrong for stride > 1 and a 1-column output: such strips get a neighbour column."""
+    layer = EdgeConv2d(2, 2, 3, stride=2, padding=1)
+    for _, (_, _, c0, c1), (_, _, jlo, jhi, pl, pr, _, _), (k0, k1) in layer.regions(32, 32, cpu=True):
+        assert (k1 - k0) == (c1 - c0)
+        computed = (jhi - jlo + pl + pr - 3) // 2 + 1  # output columns of the strip's convolution
+        assert computed == (2 if c1 - c0 == 1 else c1 - c0)
+    assert all(k == (0, c1 - c0) for _, (_, _, c0, c1), _, k in layer.regions(32, 32, cpu=False))

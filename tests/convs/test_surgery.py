@@ -1,5 +1,6 @@
 """convert() on torchvision models and its contract: counts, idempotence, skips, DDP refusal, clear errors."""
 
+import logging
 import warnings
 
 import pytest
@@ -141,3 +142,84 @@ def test_bad_input_errors():
     reflect = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"))
     with pytest.raises(ValueError, match="padding_mode='reflect'.*only padding_mode='zeros'"):
         convs.convert(reflect, "partial")
+
+
+def test_shared_conv_and_shared_block_in_two_parents():
+    shared = nn.Conv2d(3, 3, 3, padding=1)
+    model = nn.Sequential(nn.Sequential(shared), nn.ReLU(), nn.Sequential(nn.ReLU(), shared))
+    assert convs.convert(model, "partial") == 1
+    assert model[0][0] is model[2][1] and isinstance(model[0][0], convs.PartialConv2d)
+    block = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU())
+    model = nn.Sequential(block, block)
+    assert convs.convert(model, "edge") == 1
+    assert model[0] is model[1] and isinstance(model[0][0], convs.EdgeConv2d)
+
+
+def test_first_is_the_first_in_registration_order_at_any_depth():
+    model = nn.Sequential(nn.Sequential(nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1)), nn.Conv2d(4, 4, 3, padding=1))
+    convs.convert(model, "gated")
+    assert model[0][1].mask_channel and not model[1].mask_channel
+
+
+def test_convs_with_children_are_not_descended_into():
+    class WrappedConv(nn.Conv2d):
+        def __init__(self) -> None:
+            super().__init__(3, 3, 3, padding=1)
+            self.inner = nn.Conv2d(3, 3, 3, padding=1)
+
+    model = nn.Sequential(WrappedConv())
+    with pytest.warns(UserWarning, match="replaced nothing"):
+        assert convs.convert(model, "partial") == 0
+    assert type(model[0].inner) is nn.Conv2d
+
+
+def test_gated_inside_absorbs_only_a_matching_batchnorm_right_after():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(8)
+    )
+    assert convs.convert(model, "gated", norm="inside") == 2
+    assert isinstance(model[1], nn.Identity) and isinstance(model[0].bn, nn.BatchNorm2d)
+    assert isinstance(model[3], nn.BatchNorm2d) and isinstance(model[2].bn, nn.Identity)  # 8 features, 4 channels
+
+
+def test_bn_is_not_a_user_option():
+    accepted = r"\['norm', 'activation', 'mask_channel', 'open_logit'\]"
+    with pytest.raises(TypeError, match=rf"unknown option\(s\) \['bn'\]; gated accepts {accepted}"):
+        convs.convert(tvm.resnet18(), "gated", bn=nn.BatchNorm2d(64))
+    assert convs.get("affine").convert_options() == ["norm", "activation", "mask_channel", "open_logit"]
+    assert convs.get("edge").convert_options() == [] and convs.get("partial").convert_options() == ["multi_channel"]
+
+
+class ReluFreeEdgeConv2d(convs.EdgeConv2d):
+    """A policy beyond gated's: the ReLU registered after the conv is replaced too (by the identity)."""
+
+    @classmethod
+    def replacements(cls, site: convs.ConvSite, **options) -> dict[nn.Module, nn.Module]:
+        changes = super().replacements(site, **options)
+        if isinstance(site.following, nn.ReLU):
+            changes[site.following] = nn.Identity()
+        return changes
+
+
+class StrayEdgeConv2d(convs.EdgeConv2d):
+    """A broken policy: it claims to replace a module that is not at the site."""
+
+    @classmethod
+    def replacements(cls, site: convs.ConvSite, **options) -> dict[nn.Module, nn.Module]:
+        return {**super().replacements(site, **options), nn.ReLU(): nn.Identity()}
+
+
+def test_each_variant_owns_its_replacement_policy(monkeypatch):
+    monkeypatch.setitem(convs.VARIANTS, "relu_free", ReluFreeEdgeConv2d)
+    monkeypatch.setitem(convs.VARIANTS, "stray", StrayEdgeConv2d)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Sigmoid())
+    assert convs.convert(model, "relu_free") == 2
+    assert [type(m) for m in model] == [ReluFreeEdgeConv2d, nn.Identity, ReluFreeEdgeConv2d, nn.Sigmoid]
+    with pytest.raises(ValueError, match=r"may replace only the conv '0' and the module right after it"):
+        convs.convert(nn.Sequential(nn.Conv2d(3, 4, 3)), "stray")
+
+
+def test_logs_what_it_replaced(caplog):
+    with caplog.at_level(logging.INFO, logger="convs.surgery"):
+        convs.convert(tvm.resnet18(), "gated", norm="inside")
+    assert "replaced 20 nn.Conv2d by GatedConv2d and 20 following module(s)" in caplog.text
