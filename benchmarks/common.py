@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+from orchestrator.report import markdown_table as table  # noqa: F401  (one table writer for the project)
+
 
 def with_baseline(variants: list[str]) -> list[str]:
     """The variants to measure, each checked by name, with `zero` (the baseline of every ratio) first."""
@@ -88,10 +90,3 @@ def peak_cuda_bytes(step: Callable[[], None], device: torch.device) -> int:
     step()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device)
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    """A plain Markdown table (it reads fine in a terminal too)."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])

@@ -1,9 +1,9 @@
-"""The settings of one trial: a plain dataclass that travels through Ray Tune's param space as a dict."""
+"""The settings of a trial and of a sweep: plain dataclasses that travel through Ray Tune's param space as dicts."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass
@@ -39,3 +39,53 @@ class TrialConfig:
         flat.update({f"preset.{k}": v for k, v in self.overrides.items()})
         flat.update({f"variant.{k}": v for k, v in self.variant_options.items()})
         return flat
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What every trial of a sweep shares, decided once by the driver; travels in each trial's config as a dict.
+
+    Stored in Tune's experiment state, so a resumed sweep reads the dict an older version of this class wrote:
+    `from_dict` fills fields added since with their defaults.
+    """
+
+    name: str  # the sweep's name (--name): Tune experiment, MLflow parent run tag
+    tracking_uri: str  # MLflow store, absolute (Ray workers run in other folders)
+    experiment_id: str  # the task's MLflow experiment
+    parent_run_id: str  # the sweep's MLflow run; trial runs nest under it
+    variants: list[str]  # in grid order: Optuna's Repeater index maps to (variant, seed) through these
+    seeds: list[int]
+    train_storage: str  # where each trial's Ray Train run keeps its checkpoints
+    workers_per_trial: int = 1  # Ray Train workers (DDP) per trial
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 2  # restarts of a crashed Train run from its last checkpoint
+    local: bool = False  # a Ray started on this machine: one node, nothing to be preempted
+
+    KEY: ClassVar[str] = "__sweep"  # its key in a trial's config (TrialConfig ignores "__" keys)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SweepSettings:
+        """Read a dict written by `to_dict` of this or an older version; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown sweep setting(s) {unknown}. Known settings: {', '.join(sorted(known))}.")
+        return cls(**values)
+
+    def identity(self, config: dict[str, Any]) -> tuple[str, int]:
+        """(variant, seed) of a trial's config: from the grid, or from Repeater's `__trial_index__` (Optuna)."""
+        if "__trial_index__" in config:
+            index = config["__trial_index__"]
+            return self.variants[index // len(self.seeds)], self.seeds[index % len(self.seeds)]
+        return config["variant"], config["seed"]
+
+    def trial_config(self, config: dict[str, Any]) -> TrialConfig:
+        """The TrialConfig of a Tune trial's config, variant and seed included."""
+        variant, seed = self.identity(config)
+        values = {k: v for k, v in config.items() if not k.startswith("__")}
+        values.update(variant=variant, seed=seed, tracking_uri=self.tracking_uri)
+        return TrialConfig.from_dict(values)

@@ -14,7 +14,7 @@ class TrialResult:
     variant: str
     seed: int
     metrics: dict[str, float]  # e.g. {"best/top1": 76.2, "last5/top1": 75.9}
-    status: str = "ok"  # ok | failed: a failed trial stays in the table, never silently dropped
+    status: str = "ok"  # ok | failed | interrupted: such a trial stays in the table, never silently dropped
 
 
 def columns(table_metrics: tuple[str, ...]) -> list[str]:
@@ -44,7 +44,7 @@ def comparison(results: list[TrialResult], columns: list[str], *, baseline: str 
                 if not found:
                     row[f"{column} seed {seed}"] = "missing"
                 elif found[0].status != "ok" or column not in found[0].metrics:
-                    row[f"{column} seed {seed}"] = "failed"
+                    row[f"{column} seed {seed}"] = found[0].status if found[0].status != "ok" else "no value"
                 else:
                     values.append(found[0].metrics[column])
                     row[f"{column} seed {seed}"] = found[0].metrics[column]
@@ -65,17 +65,23 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain Markdown table of strings, columns padded to their widest cell (it reads fine in a terminal too)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
 def markdown(rows: list[dict]) -> str:
+    """The comparison rows as a Markdown table, numbers with 3 decimals and NaN as n/a."""
     if not rows:
         return "(no results)"
     headers = list(rows[0])
-    cells = [[_fmt(row.get(h, "")) for h in headers] for row in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"  # noqa: E731
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+    return markdown_table(headers, [[_fmt(row.get(h, "")) for h in headers] for row in rows])
 
 
 def to_csv(rows: list[dict]) -> str:
+    """The comparison rows as CSV text, one column per key of the first row."""
     if not rows:
         return ""
     buffer = io.StringIO()

@@ -4,16 +4,22 @@ python -m orchestrator.sweep --task classification            # every variant x 
 python -m orchestrator.sweep --task classification --variants zero partial --seeds 2 --preset smoke
 python -m orchestrator.sweep --task classification --search optuna --num-samples 4 --space lr=loguniform:1e-4:1e-2
 python -m orchestrator.sweep --resume --name classification-cpu-20261125-101500
+
+The steps, each a function below: `plan` (every argument checked, no side effect), `prepare_data`,
+`check_services`, then on Ray `trial_resources`, `open_sweep_run`, `build_param_space`, `build_tuner`, `fit`,
+`collect_results` and `finish_sweep`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import math
 import socket
 import sys
 import time
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -23,21 +29,20 @@ import tasks
 from tasks import LayoutError, Preset, default_cache_dir, ensure_synthetic
 
 from . import report, tracking
+from .cli import ArgumentParser, CliError, setup_logging
+from .config import SweepSettings
+
+log = logging.getLogger(__name__)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
+ARGS_FILE = "sweep-args.json"  # the command line a sweep started with, beside Tune's state: --resume reads it
+RESUMABLE = ("resume", "name", "storage", "address")  # what --resume may set; everything else is the sweep's own
+NOT_SEARCHABLE = ("synthetic", "model", "model_options")  # preset fields that --space cannot sample
 
 
-class SweepError(SystemExit):
-    """A bad command line or an unusable environment: exits with a message, never with a traceback."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"error: {message}")
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m orchestrator.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def get_args_parser() -> ArgumentParser:
+    """The sweep's command line."""
+    p = ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__)
     p.add_argument(
         "--task",
         default="segmentation",
@@ -77,11 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="MLflow store: sqlite:///file.db (default sqlite:///mlflow.db) or http://host:port",
     )
     p.add_argument(
-        "--workers-per-trial",
-        type=int,
-        default=1,
-        metavar="N",
-        help="Ray Train workers per trial (DDP over them; default 1)",
+        "--workers-per-trial", type=int, default=1, metavar="N", help="Ray Train workers per trial (DDP; default 1)"
     )
     p.add_argument(
         "--gpus-per-worker",
@@ -135,20 +136,156 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_space(items: list[str]) -> dict[str, tuple[str, list]]:
-    """KEY=DIST:ARGS strings -> {key: (dist, args)}, keys checked against the preset fields."""
-    known = {f.name for f in fields(Preset)} - {"synthetic", "model"}
+# planning: pure, before anything starts ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the command line decided, checked; building it starts nothing and writes nothing."""
+
+    task: str
+    variants: tuple[str, ...]
+    seeds: tuple[int, ...]
+    preset_name: str
+    preset: Preset  # the task's preset with the overrides applied
+    overrides: dict[str, Any]  # preset fields changed on the command line (--epochs)
+    space: dict[str, tuple[str, list]]  # --space KEY=DIST:ARGS, parsed: {key: (dist, args)}
+    search: str  # grid | optuna
+    num_samples: int  # Optuna samples, each run for every variant and seed
+    name: str
+    resume: bool
+    data_root: str | None  # absolute; None = the synthetic stand-in
+    storage: str  # absolute local path or a URI
+    tracking_uri: str  # absolute for SQLite (Ray workers run in other folders)
+    address: str | None  # Ray cluster; None = a local Ray started here
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None  # None: 1 if the cluster has GPUs
+    loader_workers: int | None = None  # None: 4 with GPUs, 0 on CPU
+    max_concurrent: int | None = None  # None: as many trials as the cluster fits
+    max_failures: int = 2
+    space_args: tuple[str, ...] = field(default=())  # the --space strings as typed, for the parent run's params
+    args: dict[str, Any] = field(default_factory=dict)  # the command line, paths absolute: saved for --resume
+
+    @property
+    def path(self) -> str:
+        """Where Tune keeps this sweep's state."""
+        return f"{self.storage}/{self.name}"
+
+
+def plan(args: Any, *, cuda: bool, now: float | None = None) -> Plan:
+    """Check every argument and return the sweep's plan; raise `CliError` with the fix for anything wrong.
+
+    Pure: it reads no data and starts nothing (`cuda` says whether this machine has a GPU, which picks the default
+    preset; `now` is the timestamp of a default sweep name).
+    """
+    try:
+        task = tasks.get_task(args.task)
+        for v in args.variants or []:
+            convs.get(v)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    variants = tuple(args.variants or task.variants)
+    unsupported = [v for v in variants if v not in task.variants]
+    if unsupported:
+        raise CliError(f"task {task.name} does not support {unsupported}; it supports {', '.join(task.variants)}")
+    for flag, value, low in (
+        ("--seeds", args.seeds, 1),
+        ("--workers-per-trial", args.workers_per_trial, 1),
+        ("--num-samples", args.num_samples, 1),
+        ("--max-failures", args.max_failures, 0),
+        ("--max-concurrent", args.max_concurrent, 1),
+        ("--loader-workers", args.loader_workers, 0),
+    ):
+        if value is not None and value < low:
+            raise CliError(f"{flag} must be at least {low}, got {value}")
+    if args.cpus_per_worker <= 0 or (args.gpus_per_worker is not None and args.gpus_per_worker < 0):
+        raise CliError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
+    if args.resume and not args.name:
+        raise CliError("--resume needs --name SWEEP (the name printed when the sweep started)")
+    preset_name = args.preset or ("thesis" if cuda else "cpu")
+    if preset_name not in task.presets:
+        raise CliError(f"unknown preset {preset_name!r} for {task.name}; known presets: {', '.join(task.presets)}")
+    overrides = {"epochs": args.epochs} if args.epochs is not None else {}
+    try:
+        preset = task.presets[preset_name].updated(**overrides)
+    except ValueError as e:
+        raise CliError(f"{e} (preset {preset_name} of {task.name})") from None
+    space = parse_space(args.space, preset)
+    if args.search == "optuna" and not space:
+        raise CliError("--search optuna needs at least one --space KEY=DIST (e.g. --space lr=loguniform:1e-4:1e-1)")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    paths = _absolute_paths(vars(args))
+    return Plan(
+        task=task.name,
+        variants=variants,
+        seeds=tuple(range(args.seeds)),
+        preset_name=preset_name,
+        preset=preset,
+        overrides=overrides,
+        space=space,
+        search=args.search,
+        num_samples=args.num_samples,
+        name=args.name or f"{task.name}-{preset_name}-{stamp}",
+        resume=args.resume,
+        data_root=paths["data_root"],
+        storage=paths["storage"],
+        tracking_uri=paths["tracking_uri"],
+        address=args.address,
+        workers_per_trial=args.workers_per_trial,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        loader_workers=args.loader_workers,
+        max_concurrent=args.max_concurrent,
+        max_failures=args.max_failures,
+        space_args=tuple(args.space),
+        args={**vars(args), **paths, "name": args.name or f"{task.name}-{preset_name}-{stamp}"},
+    )
+
+
+def resumed_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """For `--resume`: the arguments the sweep started with (saved beside its state), so `--resume --name X` alone
+    continues it as it was. Flags given again must agree with them; only `--address` may change (a new cluster).
+    A sweep saved before the arguments were kept resumes with the command line as given."""
+    stored = read_saved_args(_absolute(args.storage), args.name)
+    if stored is None:
+        return args
+    typed = {k: v for k, v in vars(args).items() if k not in RESUMABLE and v != parser.get_default(k)}
+    normalized = {**vars(args), **_absolute_paths(vars(args))}
+    changed = sorted(k for k in typed if normalized[k] != stored.get(k, parser.get_default(k)))
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} (started with {stored.get(k)!r})" for k in changed)
+        raise CliError(
+            f"--resume continues sweep {args.name!r} with the arguments it started with; these differ: {flags}. "
+            "Drop them, or start a new sweep under another --name."
+        )
+    return argparse.Namespace(**{**vars(args), **{k: v for k, v in stored.items() if k not in RESUMABLE}})
+
+
+def _absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """storage, tracking_uri and data_root as absolute paths: what a saved sweep keeps, whatever the folder."""
+    return {
+        "storage": _absolute(values["storage"]),
+        "tracking_uri": _absolute_tracking(values["tracking_uri"]),
+        "data_root": str(Path(values["data_root"]).resolve()) if values.get("data_root") else None,
+    }
+
+
+def parse_space(items: list[str], preset: Preset) -> dict[str, tuple[str, list]]:
+    """KEY=DIST:ARGS strings -> {key: (dist, args)}; keys are the preset's fields, and every value the
+    distribution can produce (both bounds, each choice) must be a valid value of that field."""
+    known = {f.name for f in fields(preset)} - set(NOT_SEARCHABLE)
     space = {}
     for item in items:
         key, sep, spec = item.partition("=")
         dist, _, rest = spec.partition(":")
         if not sep or dist not in DISTRIBUTIONS or not rest:
-            raise SweepError(
+            raise CliError(
                 f"--space {item!r}: expected KEY=DIST:ARGS with DIST one of {', '.join(DISTRIBUTIONS)}, "
                 "e.g. lr=loguniform:1e-4:1e-1 or batch_size=choice:16,32"
             )
         if key not in known:
-            raise SweepError(f"--space {item!r}: unknown preset key {key!r}. Known keys: {', '.join(sorted(known))}")
+            raise CliError(f"--space {item!r}: unknown preset key {key!r}. Known keys: {', '.join(sorted(known))}")
         try:
             if dist == "choice":
                 args = [_number(v) for v in rest.split(",")]
@@ -156,7 +293,16 @@ def parse_space(items: list[str]) -> dict[str, tuple[str, list]]:
                 low, high = (float(v) for v in rest.split(":"))
                 args = [int(low), int(high)] if dist == "randint" else [low, high]
         except ValueError:
-            raise SweepError(f"--space {item!r}: could not read the numbers in {rest!r}") from None
+            raise CliError(f"--space {item!r}: could not read the numbers in {rest!r}") from None
+        if (dist == "randint" and args[0] > args[1]) or (dist in ("uniform", "loguniform") and args[0] >= args[1]):
+            raise CliError(f"--space {item!r}: the lower bound must be below the upper bound")
+        if dist == "loguniform" and args[0] <= 0:
+            raise CliError(f"--space {item!r}: loguniform needs bounds > 0")
+        for value in args:
+            try:
+                preset.updated(**{key: value})
+            except ValueError as e:
+                raise CliError(f"--space {item!r} can sample {key}={value!r}, which the preset refuses: {e}") from None
         space[key] = (dist, args)
     return space
 
@@ -170,22 +316,6 @@ def _number(text: str) -> Any:
     return text
 
 
-def check_address(address: str | None, *, timeout: float = 5.0) -> None:
-    """Fail fast when a Ray head does not answer, instead of letting ray.init retry for minutes."""
-    if not address or address in ("auto", "local"):
-        return
-    parsed = urlparse(address if "://" in address else f"ray://{address}")
-    host, port = parsed.hostname, parsed.port
-    if not host or not port:
-        raise SweepError(f"--address {address!r}: expected host:port, ray://host:port or auto")
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        raise SweepError(
-            f"cannot reach a Ray cluster at {address} ({e}); is `ray start --head` running there?"
-        ) from None
-
-
 def _absolute(uri_or_path: str) -> str:
     return uri_or_path if "://" in uri_or_path else str(Path(uri_or_path).expanduser().resolve())
 
@@ -197,206 +327,345 @@ def _absolute_tracking(uri: str) -> str:
     return uri
 
 
-def main(argv: list[str] | None = None) -> list[report.TrialResult]:
-    args = get_args_parser().parse_args(argv)
-    try:
-        task = tasks.get_task(args.task)
-        for v in args.variants or []:
-            convs.get(v)
-    except ValueError as e:
-        raise SweepError(str(e)) from None
-    variants = args.variants or list(task.variants)
-    unsupported = [v for v in variants if v not in task.variants]
-    if unsupported:
-        raise SweepError(f"task {task.name} does not support {unsupported}; it supports {', '.join(task.variants)}")
-    if args.seeds < 1:
-        raise SweepError("--seeds must be at least 1")
-    if args.resume and not args.name:
-        raise SweepError("--resume needs --name SWEEP (the name printed when the sweep started)")
-    space = parse_space(args.space)
-    if args.search == "optuna" and not space:
-        raise SweepError("--search optuna needs at least one --space KEY=DIST (e.g. --space lr=loguniform:1e-4:1e-1)")
+# before Ray: data and services ---------------------------------------------------------------------------------------
 
-    import torch
 
-    preset_name = args.preset or ("thesis" if torch.cuda.is_available() else "cpu")
-    if preset_name not in task.presets:
-        raise SweepError(f"unknown preset {preset_name!r} for {task.name}; known presets: {', '.join(task.presets)}")
-    overrides = {"epochs": args.epochs} if args.epochs else {}
-    preset = task.presets[preset_name].updated(**overrides)
+def _args_file(storage: str, name: str) -> tuple[Any, str]:
+    import pyarrow.fs  # Ray's storage layer: local paths and s3:// alike
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    return fs, f"{root.rstrip('/')}/{name}/{ARGS_FILE}"
+
+
+def read_saved_args(storage: str, name: str) -> dict[str, Any] | None:
+    """The arguments sweep `name` under `storage` started with, or None when it has none saved."""
+    import pyarrow.fs
+
+    fs, path = _args_file(storage, name)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def save_args(p: Plan) -> None:
+    """Keep the sweep's arguments beside its state (write, then rename: a crash never leaves half a file)."""
+    fs, path = _args_file(p.storage, p.name)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path + ".tmp") as f:
+        f.write(json.dumps(p.args, indent=1, sort_keys=True).encode())
+    fs.move(path + ".tmp", path)
+
+
+def prepare_data(p: Plan) -> tuple[str | None, str | None]:
+    """(data_root, cache_dir): the real data's layout checked, or the synthetic stand-in generated once, here."""
+    task = tasks.get_task(p.task)
     try:
-        if args.data_root:
-            data_root, cache_dir = str(Path(args.data_root).resolve()), None
-            task.check_layout(Path(data_root))
-        else:
-            data_root, cache_dir = None, str(default_cache_dir().resolve())
-            ensure_synthetic(task, preset, Path(cache_dir))  # once, here, before trials start
+        if p.data_root:
+            task.check_layout(Path(p.data_root))
+            return p.data_root, None
+        cache_dir = default_cache_dir().resolve()
+        ensure_synthetic(task, p.preset, cache_dir)  # once, here, before trials start
+        return None, str(cache_dir)
     except LayoutError as e:
-        raise SweepError(str(e)) from None
+        raise CliError(str(e)) from None
 
-    uri = _absolute_tracking(args.tracking_uri)
+
+def check_services(p: Plan) -> None:
+    """Fail fast, with the fix, when the MLflow store or the Ray cluster cannot be reached."""
     try:
-        tracking.check_tracking_uri(uri)
+        tracking.check_tracking_uri(p.tracking_uri)
     except tracking.TrackingError as e:
-        raise SweepError(str(e)) from None
-    check_address(args.address)
+        raise CliError(str(e)) from None
+    check_address(p.address)
 
-    import ray
+
+def check_address(address: str | None, *, timeout: float = 5.0) -> None:
+    """Fail fast when a Ray head does not answer, instead of letting ray.init retry for minutes."""
+    if not address or address in ("auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    host, port = parsed.hostname, parsed.port
+    if not host or not port:
+        raise CliError(f"--address {address!r}: expected host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise CliError(f"cannot reach a Ray cluster at {address} ({e}); is `ray start --head` running there?") from None
+
+
+# on Ray ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial takes from the cluster, and how many trials run at once."""
+
+    gpus_per_worker: float
+    max_concurrent: int
+    loader_workers: int
+
+
+def trial_resources(p: Plan, cluster: dict[str, float]) -> Resources:
+    """Fit the trials to the cluster's CPUs and GPUs (`ray.cluster_resources()`); `CliError` if one cannot fit."""
+    cpus, gpus_total = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    gpus = p.gpus_per_worker if p.gpus_per_worker is not None else (1.0 if gpus_total else 0.0)
+    trial_cpus, trial_gpus = p.workers_per_trial * p.cpus_per_worker, p.workers_per_trial * gpus
+    if trial_cpus > cpus or trial_gpus > gpus_total:
+        raise CliError(
+            f"one trial needs {trial_cpus:g} CPUs and {trial_gpus:g} GPUs but the cluster has {cpus:g} CPUs and "
+            f"{gpus_total:g} GPUs; lower --workers-per-trial, --cpus-per-worker or --gpus-per-worker"
+        )
+    fits = math.floor(cpus / trial_cpus)
+    if trial_gpus:
+        fits = min(fits, math.floor(gpus_total / trial_gpus))
+    loader_workers = p.loader_workers if p.loader_workers is not None else (4 if gpus else 0)
+    return Resources(gpus, p.max_concurrent or max(1, fits), loader_workers)
+
+
+def open_sweep_run(p: Plan, res: Resources, data_root: str | None) -> tuple[str, str]:
+    """(experiment id, parent run id): the task's MLflow experiment and the sweep's run, found again on resume."""
+    experiment_id = tracking.ensure_experiment(p.tracking_uri, p.task)
+    parent = tracking.find_or_create_run(
+        p.tracking_uri, experiment_id, tags={tracking.SWEEP_TAG: p.name}, key=tracking.SWEEP_TAG, name=p.name
+    )
+    params = {
+        "task": p.task,
+        "preset": p.preset_name,
+        "variants": ",".join(p.variants),
+        "seeds": len(p.seeds),
+        "search": p.search,
+        "space": ";".join(p.space_args),
+        "workers_per_trial": p.workers_per_trial,
+        "gpus_per_worker": res.gpus_per_worker,
+        "data_root": data_root or "synthetic",
+        **{f"preset.{k}": v for k, v in p.overrides.items()},
+    }
+    tracking.log_params(p.tracking_uri, parent, params)
+    return experiment_id, parent
+
+
+def build_param_space(
+    p: Plan, sweep: SweepSettings, *, data_root: str | None, cache_dir: str | None, loader_workers: int
+) -> tuple[dict[str, Any], Any, int]:
+    """(param_space, search algorithm or None, num_samples) for Tune: a variant x seed grid, or Optuna samples of
+    `--space` each repeated for every variant and seed (Repeater's replica index picks the variant and seed)."""
     import ray.tune
 
-    from .trial import SWEEP_KEY, run_trial, trial_identity
-
-    own_ray = not ray.is_initialized()  # a caller's Ray session (tests, notebooks) is reused and left running
-    if own_ray:
-        ray.init(address=args.address, log_to_driver=True, configure_logging=False)
-    resources = ray.cluster_resources()
-    gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (1.0 if resources.get("GPU", 0) else 0.0)
-    trial_cpus, trial_gpus = args.workers_per_trial * args.cpus_per_worker, args.workers_per_trial * gpus
-    if trial_cpus > resources.get("CPU", 0) or trial_gpus > resources.get("GPU", 0):
-        raise SweepError(
-            f"one trial needs {trial_cpus:g} CPUs and {trial_gpus:g} GPUs but the cluster has "
-            f"{resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs; lower --workers-per-trial, "
-            "--cpus-per-worker or --gpus-per-worker"
-        )
-    fits = math.floor(resources.get("CPU", 0) / trial_cpus)
-    if trial_gpus:
-        fits = min(fits, math.floor(resources["GPU"] / trial_gpus))
-    max_concurrent = args.max_concurrent or max(1, fits)
-
-    name = args.name or f"{task.name}-{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = _absolute(args.storage)
-    experiment_id = tracking.ensure_experiment(uri, task.name)
-    parent = tracking.find_or_create_run(
-        uri, experiment_id, tags={tracking.SWEEP_TAG: name}, key=tracking.SWEEP_TAG, name=name
-    )
-    seeds = list(range(args.seeds))
-    tracking.log_params(
-        uri,
-        parent,
-        {
-            "task": task.name,
-            "preset": preset_name,
-            "variants": ",".join(variants),
-            "seeds": args.seeds,
-            "search": args.search,
-            "space": ";".join(args.space),
-            "workers_per_trial": args.workers_per_trial,
-            "gpus_per_worker": gpus,
-            "data_root": data_root or "synthetic",
-            **{f"preset.{k}": v for k, v in overrides.items()},
-        },
-    )
-
-    sweep = {
-        "name": name,
-        "tracking_uri": uri,
-        "experiment_id": experiment_id,
-        "parent_run_id": parent,
-        "variants": variants,
-        "seeds": seeds,
-        "workers_per_trial": args.workers_per_trial,
-        "cpus_per_worker": args.cpus_per_worker,
-        "gpus_per_worker": gpus,
-        "max_failures": args.max_failures,
-        "train_storage": f"{storage}/{name}/train",
-        "local": args.address is None,  # a Ray started on this machine: one node, nothing to be preempted
-    }
-    loader_workers = args.loader_workers if args.loader_workers is not None else (4 if gpus else 0)
-    param_space: dict[str, Any] = {
-        "task": task.name,
-        "preset": preset_name,
-        "overrides": overrides,
+    space: dict[str, Any] = {
+        "task": p.task,
+        "preset": p.preset_name,
+        "overrides": p.overrides,
         "data_root": data_root,
         "cache_dir": cache_dir,
         "loader_workers": loader_workers,
-        SWEEP_KEY: sweep,
+        SweepSettings.KEY: sweep.to_dict(),
     }
-    search_alg, num_samples = None, 1
-    if args.search == "optuna":
-        from ray.tune.search import Repeater
-        from ray.tune.search.optuna import OptunaSearch
+    if p.search != "optuna":
+        space["variant"] = ray.tune.grid_search(list(p.variants))
+        space["seed"] = ray.tune.grid_search(list(p.seeds))
+        return space, None, 1
+    from ray.tune.search import Repeater
+    from ray.tune.search.optuna import OptunaSearch
 
-        distributions = {
-            "loguniform": ray.tune.loguniform,
-            "uniform": ray.tune.uniform,
-            "randint": lambda lo, hi: ray.tune.randint(lo, hi + 1),
-            "choice": lambda *a: ray.tune.choice(a),
-        }
-        for key, (dist, dist_args) in space.items():
-            param_space[f"space.{key}"] = distributions[dist](*dist_args)
-        repeat = len(variants) * len(seeds)  # every sampled configuration runs for every variant and seed
-        search_alg = Repeater(
-            OptunaSearch(metric=f"best/{task.metric.split('/')[-1]}", mode="max", seed=0), repeat=repeat, set_index=True
-        )
-        num_samples = args.num_samples * repeat
-    else:
-        param_space["variant"] = ray.tune.grid_search(variants)
-        param_space["seed"] = ray.tune.grid_search(seeds)
+    distributions = {
+        "loguniform": ray.tune.loguniform,
+        "uniform": ray.tune.uniform,
+        "randint": lambda lo, hi: ray.tune.randint(lo, hi + 1),  # ours is inclusive, Tune's is not
+        "choice": lambda *a: ray.tune.choice(a),
+    }
+    for key, (dist, dist_args) in p.space.items():
+        space[f"space.{key}"] = distributions[dist](*dist_args)
+    repeat = len(p.variants) * len(p.seeds)
+    metric = f"best/{tasks.get_task(p.task).metric.split('/')[-1]}"
+    search = Repeater(OptunaSearch(metric=metric, mode="max", seed=0), repeat=repeat, set_index=True)
+    return space, search, p.num_samples * repeat
+
+
+def build_tuner(p: Plan, param_space: dict[str, Any], search_alg: Any, num_samples: int, max_concurrent: int):
+    """A new Tuner, or the sweep's own restored one for `--resume`; `CliError` when the name says otherwise."""
+    import ray.tune
+
+    from .trial import run_trial
 
     # The Tune function only starts the TorchTrainer: it holds no CPU (just a token of memory, as a bundle needs a
     # resource), so Train workers get whole cores. With 0.01 CPU, two trials on 2 CPUs would need 2.02 and the
     # second trial's worker would wait for a core until Ray Train's 60 s start-up timeout.
     trainable = ray.tune.with_resources(run_trial, {"CPU": 0, "memory": 2**20})
-    path = f"{storage}/{name}"
-    if args.resume:
-        if not ray.tune.Tuner.can_restore(path):
-            raise SweepError(f"no sweep named {name!r} under {storage} to resume")
-        tuner = ray.tune.Tuner.restore(
-            path, trainable, resume_unfinished=True, resume_errored=True, param_space=param_space
-        )
-    else:
-        if ray.tune.Tuner.can_restore(path):
-            raise SweepError(f"a sweep named {name!r} already exists under {storage}; resume it with --resume")
-        tuner = ray.tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=ray.tune.TuneConfig(
-                search_alg=search_alg,
-                num_samples=num_samples,
-                max_concurrent_trials=max_concurrent,
-                reuse_actors=True,  # one Tune-function process per slot: its imports (mlflow, ray.train) paid once
-            ),
-            run_config=ray.tune.RunConfig(
-                name=name, storage_path=storage, failure_config=ray.tune.FailureConfig(max_failures=args.max_failures)
-            ),
-        )
-    print(
-        f"sweep {name}: {len(variants)} variants x {len(seeds)} seeds"
-        + (f" x {args.num_samples} samples" if args.search == "optuna" else "")
-        + f", preset {preset_name}, up to {max_concurrent} trials at once; resume with --resume --name {name}",
-        flush=True,
+    exists = ray.tune.Tuner.can_restore(p.path)
+    if p.resume:
+        if not exists:
+            raise CliError(f"no sweep named {p.name!r} under {p.storage} to resume")
+        # The trials keep the configs they started with (param_space=None): the same settings, and sweeps written
+        # by older versions stay readable (`SweepSettings.from_dict`).
+        return ray.tune.Tuner.restore(p.path, trainable, resume_unfinished=True, resume_errored=True)
+    if exists:
+        raise CliError(f"a sweep named {p.name!r} already exists under {p.storage}; resume it with --resume")
+    save_args(p)
+    return ray.tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=ray.tune.TuneConfig(
+            search_alg=search_alg,
+            num_samples=num_samples,
+            max_concurrent_trials=max_concurrent,
+            reuse_actors=True,  # one Tune-function process per slot: its imports (mlflow, ray.train) paid once
+        ),
+        run_config=ray.tune.RunConfig(
+            name=p.name, storage_path=p.storage, failure_config=ray.tune.FailureConfig(max_failures=p.max_failures)
+        ),
     )
-    grid = tuner.fit()
 
+
+class _HideRestoreHint(logging.Filter):
+    """Drop Tune's "Resume experiment with: Tuner.restore(...)": the sweep prints its own `--resume` command."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore" not in record.getMessage()
+
+
+def fit(tuner) -> Any:
+    """`tuner.fit()`; after a Ctrl-C, Tune stops the trials, saves its state and returns (a second one raises)."""
+    hint = _HideRestoreHint()
+    tune_logger = logging.getLogger("ray.tune.tune")
+    tune_logger.addFilter(hint)
+    try:
+        return tuner.fit()
+    finally:
+        tune_logger.removeFilter(hint)
+
+
+def collect_results(grid, p: Plan) -> list[report.TrialResult]:
+    """One TrialResult per trial: `ok` when it trained every epoch, `failed` with an error, else `interrupted`."""
     results = []
     for result in grid:
-        variant, seed = trial_identity(result.config)
+        cfg = SweepSettings.from_dict(result.config[SweepSettings.KEY]).trial_config(result.config)
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
-        if args.search == "optuna":
+        if p.search == "optuna":
             metrics.update({k: v for k, v in result.config.items() if k.startswith("space.")})
-        results.append(report.TrialResult(variant, seed, metrics, "failed" if result.error else "ok"))
-    rows = report.comparison(results, report.columns(task.table_metrics))
-    table = report.markdown(rows)
-    tracking.log_text(uri, parent, table, "comparison.md")
-    tracking.log_text(uri, parent, report.to_csv(rows), "comparison.csv")
-    failed = sum(r.status != "ok" for r in results)
-    tracking.finish_run(uri, parent, "FAILED" if failed else "FINISHED")
-    print(
-        f"\n{task.name}: {', '.join(task.table_metrics)} per variant (best epoch; last5: mean of the last 5 epochs), "
-        f"mean and std over seeds, difference to zero\n"
-    )
-    print(table)
+        epochs = tasks.get_task(cfg.task).presets[cfg.preset].updated(**cfg.overrides).epochs
+        if result.error is not None:
+            status = "failed"
+        elif metrics.get("epoch") == epochs - 1:
+            status = "ok"
+        else:
+            status = "interrupted"  # stopped by Ctrl-C (or never started): --resume continues it
+        results.append(report.TrialResult(cfg.variant, cfg.seed, metrics, status))
+    return results
+
+
+def finish_sweep(
+    p: Plan, results: list[report.TrialResult], experiment_id: str, parent: str, table_metrics: tuple[str, ...]
+) -> str:
+    """Log the comparison to the parent run and end it (FINISHED, FAILED or KILLED); return the status."""
+    rows = report.comparison(results, report.columns(table_metrics))
+    tracking.log_text(p.tracking_uri, parent, report.markdown(rows), "comparison.md")
+    tracking.log_text(p.tracking_uri, parent, report.to_csv(rows), "comparison.csv")
+    statuses = {r.status for r in results}
+    status = "KILLED" if "interrupted" in statuses else "FAILED" if "failed" in statuses else "FINISHED"
+    end_sweep_run(p, experiment_id, parent, status)
+    return status
+
+
+def end_sweep_run(p: Plan, experiment_id: str, parent: str, status: str) -> None:
+    """End the sweep's run with `status`, and every trial run still RUNNING (stopped with the sweep) as KILLED."""
+    stopped = tracking.end_running_trials(p.tracking_uri, experiment_id, p.name, "KILLED")
+    if stopped:
+        log.info("marked %d unfinished trial run(s) KILLED in MLflow", len(stopped))
+    tracking.finish_run(p.tracking_uri, parent, status)
+
+
+def closing_lines(p: Plan, results: list[report.TrialResult], experiment_id: str, table_metrics) -> str:
+    """The comparison table and what to do next: resume an unfinished sweep, open the MLflow UI."""
+    rows = report.comparison(results, report.columns(table_metrics))
+    lines = [
+        f"\n{p.task}: {', '.join(table_metrics)} per variant (best epoch; last5: mean of the last 5 epochs), "
+        "mean and std over seeds, difference to zero\n",
+        report.markdown(rows),
+    ]
+    failed = sum(r.status == "failed" for r in results)
+    interrupted = sum(r.status == "interrupted" for r in results)
     if failed:
-        print(f"\n{failed} trial(s) failed; their errors are under {path}. Re-run with --resume --name {name}.")
-    store = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:") else uri
-    print(
-        f"\nMLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
+        lines.append(f"\n{failed} trial(s) failed; their errors are under {p.path}.")
+    if interrupted:
+        lines.append(f"\n{interrupted} trial(s) interrupted before their last epoch.")
+    if failed or interrupted:
+        lines.append(f"Resume with: python -m orchestrator.sweep --resume --name {p.name} --storage {p.storage}")
+    store = p.tracking_uri.removeprefix("sqlite:///") if p.tracking_uri.startswith("sqlite:") else p.tracking_uri
+    lines.append(
+        f"\nMLflow UI:  mlflow ui --backend-store-uri {p.tracking_uri} --host 127.0.0.1 --port 5000\n"
         f"then open   http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
         f"   (store: {store})"
     )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[report.TrialResult]:
+    """Plan, check, run the sweep on Ray and print the comparison; returns one result per trial."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.resume and args.name:
+        args = resumed_args(args, parser)
+    setup_logging()
+    import torch
+
+    p = plan(args, cuda=torch.cuda.is_available())
+    task = tasks.get_task(p.task)
+    data_root, cache_dir = prepare_data(p)
+    check_services(p)
+
+    import ray
+
+    own_ray = not ray.is_initialized()  # a caller's Ray session (tests, notebooks) is reused and left running
     if own_ray:
-        ray.shutdown()
-    return results
+        ray.init(address=p.address, log_to_driver=True, configure_logging=False)
+    try:
+        res = trial_resources(p, ray.cluster_resources())
+        experiment_id, parent = open_sweep_run(p, res, data_root)
+        try:
+            sweep = SweepSettings(
+                name=p.name,
+                tracking_uri=p.tracking_uri,
+                experiment_id=experiment_id,
+                parent_run_id=parent,
+                variants=list(p.variants),
+                seeds=list(p.seeds),
+                train_storage=f"{p.storage}/{p.name}/train",
+                workers_per_trial=p.workers_per_trial,
+                cpus_per_worker=p.cpus_per_worker,
+                gpus_per_worker=res.gpus_per_worker,
+                max_failures=p.max_failures,
+                local=p.address is None,
+            )
+            space, search_alg, num_samples = build_param_space(
+                p, sweep, data_root=data_root, cache_dir=cache_dir, loader_workers=res.loader_workers
+            )
+            tuner = build_tuner(p, space, search_alg, num_samples, res.max_concurrent)
+            log.info(
+                "sweep %s: %d variants x %d seeds%s, preset %s, up to %d trials at once; resume: --resume --name %s",
+                p.name,
+                len(p.variants),
+                len(p.seeds),
+                f" x {p.num_samples} samples" if p.search == "optuna" else "",
+                p.preset_name,
+                res.max_concurrent,
+                p.name,
+            )
+            results = collect_results(fit(tuner), p)
+        except BaseException as e:
+            end_sweep_run(p, experiment_id, parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            if isinstance(e, KeyboardInterrupt):
+                raise CliError(
+                    f"sweep {p.name} interrupted; resume it with: python -m orchestrator.sweep --resume "
+                    f"--name {p.name} --storage {p.storage}"
+                ) from None
+            raise
+        finish_sweep(p, results, experiment_id, parent, task.table_metrics)
+        print(closing_lines(p, results, experiment_id, task.table_metrics), flush=True)
+        return results
+    finally:
+        if own_ray:
+            ray.shutdown()
 
 
 if __name__ == "__main__":

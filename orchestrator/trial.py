@@ -20,23 +20,14 @@ import torch
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from . import tracking
-from .config import TrialConfig
+from .cli import setup_logging
+from .config import SweepSettings, TrialConfig
 from .loop import CHECKPOINT_FILE, train
-
-SWEEP_KEY = "__sweep"  # sweep-wide settings inside each trial's config (TrialConfig ignores "__" keys)
-
-
-def trial_identity(config: dict[str, Any]) -> tuple[str, int]:
-    """(variant, seed) of a trial: from the grid, or from Repeater's `__trial_index__` in an Optuna search."""
-    if "__trial_index__" in config:
-        sweep = config[SWEEP_KEY]
-        index = config["__trial_index__"]
-        return sweep["variants"][index // len(sweep["seeds"])], sweep["seeds"][index % len(sweep["seeds"])]
-    return config["variant"], config["seed"]
 
 
 def worker_loop(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: resume from the last checkpoint if any, train, report every epoch."""
+    setup_logging()  # the per-epoch progress lines of rank 0 reach the driver's terminal through Ray's log stream
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     cfg = TrialConfig.from_dict(config)
@@ -70,27 +61,25 @@ def worker_loop(config: dict[str, Any]) -> None:
 
 def run_trial(config: dict[str, Any]) -> None:
     """The Tune trainable: find or open the trial's MLflow run, then fit a TorchTrainer named after the trial id."""
-    sweep = config[SWEEP_KEY]
+    sweep = SweepSettings.from_dict(config[SweepSettings.KEY])
     trial_id = ray.tune.get_context().get_trial_id()
-    variant, seed = trial_identity(config)
-    values = {k: v for k, v in config.items() if not k.startswith("__")}
-    values.update(variant=variant, seed=seed, tracking_uri=sweep["tracking_uri"])
-    cfg = TrialConfig.from_dict(values)
+    cfg = sweep.trial_config(config)
+    variant, seed = cfg.variant, cfg.seed
     run_id = tracking.find_or_create_run(
-        sweep["tracking_uri"],
-        sweep["experiment_id"],
-        tags={tracking.TRIAL_TAG: trial_id, tracking.SWEEP_TAG: sweep["name"], "variant": variant, "seed": str(seed)},
+        sweep.tracking_uri,
+        sweep.experiment_id,
+        tags={tracking.TRIAL_TAG: trial_id, tracking.SWEEP_TAG: sweep.name, "variant": variant, "seed": str(seed)},
         key=tracking.TRIAL_TAG,
         name=f"{variant}-seed{seed}-{trial_id}",
-        parent=sweep["parent_run_id"],
+        parent=sweep.parent_run_id,
     )
     cfg.mlflow_run_id = run_id
-    tracking.log_params(sweep["tracking_uri"], run_id, {**cfg.params(), "trial_id": trial_id})
-    gpus = sweep["gpus_per_worker"]
+    tracking.log_params(sweep.tracking_uri, run_id, {**cfg.params(), "trial_id": trial_id})
+    gpus = sweep.gpus_per_worker
     # Ray Train's controller polls its workers every 2 s by default; at 0.2 s a trial ends seconds sooner (the
     # controller process reads this when this function creates it).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    if sweep.get("local"):
+    if sweep.local:
         # Ray Train starts a preemption watcher actor per run (one more process per trial) that polls the nodes'
         # drain state; a local Ray is one machine that no cloud provider reclaims. Clusters keep it.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -98,16 +87,16 @@ def run_trial(config: dict[str, Any]) -> None:
         worker_loop,
         train_loop_config=asdict(cfg),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=sweep["workers_per_trial"],
+            num_workers=sweep.workers_per_trial,
             use_gpu=gpus > 0,
-            resources_per_worker={"CPU": sweep["cpus_per_worker"], **({"GPU": gpus} if gpus > 0 else {})},
+            resources_per_worker={"CPU": sweep.cpus_per_worker, **({"GPU": gpus} if gpus > 0 else {})},
         ),
         run_config=ray.train.RunConfig(
             # Derived from the trial id, never a timestamp: a restarted trial finds and resumes this run.
             name=f"train-{trial_id}",
-            storage_path=sweep["train_storage"],
+            storage_path=sweep.train_storage,
             callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=sweep["max_failures"]),
+            failure_config=ray.train.FailureConfig(max_failures=sweep.max_failures),
             # Only the latest checkpoint is needed to resume (Ray registers a new one before deleting the old),
             # and an edge or affine model with its optimizer state is several times the size of the plain one.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
@@ -116,6 +105,6 @@ def run_trial(config: dict[str, Any]) -> None:
     try:
         trainer.fit()
     except BaseException:
-        tracking.finish_run(sweep["tracking_uri"], run_id, "FAILED")
+        tracking.finish_run(sweep.tracking_uri, run_id, "FAILED")
         raise
-    tracking.finish_run(sweep["tracking_uri"], run_id, "FINISHED")
+    tracking.finish_run(sweep.tracking_uri, run_id, "FINISHED")

@@ -175,3 +175,66 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, tmp_path):
     assert sorted({m.step for m in history}) == list(range(8))  # every epoch logged, none missing
     # Resumed, not restarted: at most the epoch in flight at the kill ran twice (from scratch: 0 and 1 as well).
     assert len(history) <= 9
+
+
+def _parent_and_children(tmp_path, name):
+    client, runs = runs_of(tmp_path)
+    parents = [
+        r for r in runs if r.data.tags.get(tracking.SWEEP_TAG) == name and "mlflow.parentRunId" not in r.data.tags
+    ]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return client, parents[0], children
+
+
+@pytest.mark.slow
+def test_a_failing_sweep_ends_its_parent_run_failed(ray_session, tmp_path):
+    """Tune cannot write its state (the storage path is a file): the error surfaces, the parent run says FAILED."""
+    (tmp_path / "sweeps").write_text("not a folder")
+    with pytest.raises(Exception) as caught:
+        sweep.main([*common(tmp_path, "broken"), "--variants", "zero", "--seeds", "1"])
+    assert not isinstance(caught.value, SystemExit)  # Ray's own error, not swallowed into a message
+    _, parent, children = _parent_and_children(tmp_path, "broken")
+    assert parent.info.status == "FAILED" and children == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="sends SIGINT to itself")
+def test_ctrl_c_marks_the_sweep_interrupted_and_resume_finishes_it(ray_session, tmp_path, capsys):
+    """Ctrl-C during a trial: the trial says `interrupted`, MLflow runs end KILLED, and the printed command resumes it
+    from its last checkpoint into the same runs, each epoch logged once."""
+    args = [*common(tmp_path, "ctrlc"), "--variants", "zero", "--seeds", "1", "--epochs", "6"]
+    train_dir = tmp_path / "sweeps" / "ctrlc" / "train"
+    stop = threading.Event()
+
+    def interrupt_after_first_checkpoint():
+        while not stop.is_set() and not list(train_dir.glob("*/checkpoint_*")):
+            time.sleep(0.05)
+        if not stop.is_set():
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; Ray Tune's handler stops the sweep
+
+    watcher = threading.Thread(target=interrupt_after_first_checkpoint)
+    watcher.start()
+    try:
+        results = sweep.main(args)
+    finally:
+        stop.set()
+        watcher.join()
+    assert [(r.variant, r.seed, r.status) for r in results] == [("zero", 0, "interrupted")]
+    out = capsys.readouterr().out
+    assert "| interrupted" in out and f"--resume --name ctrlc --storage {tmp_path / 'sweeps'}" in out
+    assert "Tuner.restore" not in out
+    client, parent, children = _parent_and_children(tmp_path, "ctrlc")
+    assert parent.info.status == "KILLED" and [c.info.status for c in children] == ["KILLED"]
+    interrupted_at = len(client.get_metric_history(children[0].info.run_id, "val/top1"))
+    assert 1 <= interrupted_at < 6
+
+    resume = ["--resume", "--name", "ctrlc", "--storage", str(tmp_path / "sweeps")]  # the printed command
+    with pytest.raises(SystemExit, match=r"these differ: --epochs \(started with 6\)"):
+        sweep.main([*resume, "--epochs", "3"])  # a resumed sweep keeps its own arguments
+    (again,) = sweep.main(resume)
+    assert again.status == "ok" and again.metrics["epoch"] == 5
+    client, parent, children = _parent_and_children(tmp_path, "ctrlc")
+    assert parent.info.status == "FINISHED" and [c.info.status for c in children] == ["FINISHED"]
+    steps = [m.step for m in client.get_metric_history(children[0].info.run_id, "val/top1")]
+    assert sorted(steps) == list(range(6))  # resumed from the checkpoint into the same run, each epoch once

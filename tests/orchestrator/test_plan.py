@@ -1,0 +1,170 @@
+"""The sweep's pure helpers, without Ray: the plan, --space, resources, settings, the comparison table, summaries."""
+
+import math
+
+import pytest
+
+from orchestrator import report, sweep
+from orchestrator.cli import CliError
+from orchestrator.config import SweepSettings, TrialConfig
+from orchestrator.loop import summarize
+
+
+def make_plan(*argv: str, cuda: bool = False) -> sweep.Plan:
+    return sweep.plan(sweep.get_args_parser().parse_args(list(argv)), cuda=cuda, now=0)
+
+
+def test_plan_defaults_every_variant_three_seeds_cpu_preset():
+    p = make_plan("--task", "classification")
+    assert p.variants == ("zero", "partial", "gated", "edge", "affine") and p.seeds == (0, 1, 2)
+    assert p.preset_name == "cpu" and p.preset.epochs == p.overrides.get("epochs", p.preset.epochs)
+    assert p.name.startswith("classification-cpu-19700101-") and p.search == "grid"
+    assert p.storage.endswith("/sweeps") and p.storage.startswith("/")  # absolute: Ray workers run elsewhere
+    assert p.tracking_uri.startswith("sqlite:////") and p.tracking_uri.endswith("/mlflow.db")
+    assert make_plan("--task", "classification", cuda=True).preset_name == "thesis"
+
+
+def test_plan_applies_overrides_and_names():
+    p = make_plan("--task", "segmentation", "--preset", "smoke", "--epochs", "2", "--variants", "zero", "edge")
+    assert p.preset.epochs == 2 and p.overrides == {"epochs": 2} and p.variants == ("zero", "edge")
+    assert make_plan("--name", "mine", "--resume").resume and make_plan("--name", "mine").path.endswith("sweeps/mine")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--task", "segmentatoin"], "Unknown task 'segmentatoin'. Known tasks: classification"),
+        (["--variants", "edgy"], "Unknown conv variant 'edgy'. Known variants: .*edge"),
+        (["--preset", "huge"], "unknown preset 'huge'.*thesis, cpu, smoke"),
+        (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+        (["--workers-per-trial", "0"], "--workers-per-trial must be at least 1"),
+        (["--max-failures", "-1"], "--max-failures must be at least 0"),
+        (["--cpus-per-worker", "0"], "--cpus-per-worker must be > 0"),
+        (["--resume"], "--resume needs --name"),
+        (["--epochs", "-3"], "epochs=-3"),
+        (["--epochs", "0"], "epochs=0"),
+        (["--search", "optuna"], "--search optuna needs at least one --space"),
+        (["--space", "lrr=uniform:0:1"], "unknown preset key 'lrr'"),
+        (["--space", "lr=normal:0:1"], "expected KEY=DIST:ARGS"),
+        (["--space", "lr=uniform:a:b"], "could not read the numbers"),
+        (["--space", "lr=uniform:0.1:0.01"], "lower bound must be below"),
+        (["--space", "lr=loguniform:0:1"], "loguniform needs bounds > 0"),
+        (["--space", "lr=uniform:-1:1"], "can sample lr=-1.0, which the preset refuses"),
+        (["--space", "epochs=randint:0:3"], "can sample epochs=0"),
+        (["--space", "batch_size=choice:16,-2"], "can sample batch_size=-2"),
+        (["--space", "synthetic=choice:1"], "unknown preset key 'synthetic'"),
+        (["--search", "bayes"], "invalid choice: 'bayes'.*see python -m orchestrator.sweep --help"),
+        (["--seeds", "three"], "invalid int value: 'three'"),
+    ],
+)
+def test_plan_refuses_bad_arguments_with_the_fix(argv, message):
+    with pytest.raises(CliError, match=message) as caught:
+        make_plan(*argv)
+    assert str(caught.value).startswith("error: ")  # one style for argparse's errors and ours
+
+
+def test_parse_space_reads_every_distribution():
+    preset = make_plan("--task", "classification", "--preset", "smoke").preset
+    space = sweep.parse_space(
+        ["lr=loguniform:1e-4:1e-2", "weight_decay=uniform:0:1e-3", "epochs=randint:2:6", "batch_size=choice:16,32"],
+        preset,
+    )
+    assert space == {
+        "lr": ("loguniform", [1e-4, 1e-2]),
+        "weight_decay": ("uniform", [0.0, 1e-3]),
+        "epochs": ("randint", [2, 6]),
+        "batch_size": ("choice", [16, 32]),
+    }
+    assert sweep.parse_space(["optimizer=choice:sgd,adam"], preset) == {"optimizer": ("choice", ["sgd", "adam"])}
+
+
+def test_trial_resources_fit_the_cluster():
+    p = make_plan("--task", "classification")
+    assert sweep.trial_resources(p, {"CPU": 2.0}) == sweep.Resources(0.0, 2, 0)
+    assert sweep.trial_resources(p, {"CPU": 16.0, "GPU": 4.0}) == sweep.Resources(1.0, 4, 4)
+    two = make_plan("--task", "classification", "--workers-per-trial", "2", "--max-concurrent", "1")
+    assert sweep.trial_resources(two, {"CPU": 16.0, "GPU": 8.0}).max_concurrent == 1
+    with pytest.raises(CliError, match="one trial needs 2 CPUs and 0 GPUs but the cluster has 1 CPUs"):
+        sweep.trial_resources(make_plan("--workers-per-trial", "2"), {"CPU": 1.0})
+    with pytest.raises(CliError, match="needs 1 CPUs and 1 GPUs but the cluster has 4 CPUs and 0 GPUs"):
+        sweep.trial_resources(make_plan("--gpus-per-worker", "1"), {"CPU": 4.0})
+
+
+def test_sweep_settings_round_trip_and_read_an_older_sweep():
+    settings = SweepSettings("s", "sqlite:////x.db", "1", "abc", ["zero", "edge"], [0, 1], "/tmp/s/train")
+    assert SweepSettings.from_dict(settings.to_dict()) == settings
+    # A sweep started before `local` existed resumes with the default.
+    old = {k: v for k, v in settings.to_dict().items() if k != "local"}
+    assert SweepSettings.from_dict(old).local is False
+    with pytest.raises(ValueError, match=r"Unknown sweep setting\(s\) \['colour'\]"):
+        SweepSettings.from_dict({**settings.to_dict(), "colour": "red"})
+    # Optuna's Repeater index: variant-major, then seed.
+    assert [settings.identity({"__trial_index__": i}) for i in range(4)] == [
+        ("zero", 0),
+        ("zero", 1),
+        ("edge", 0),
+        ("edge", 1),
+    ]
+    config = {"task": "classification", "preset": "smoke", "space.lr": 0.01, "__trial_index__": 3}
+    assert settings.trial_config(config) == TrialConfig(
+        task="classification",
+        variant="edge",
+        seed=1,
+        preset="smoke",
+        overrides={"lr": 0.01},
+        tracking_uri="sqlite:////x.db",
+    )
+
+
+def test_build_param_space_grid_and_optuna():
+    p = make_plan("--task", "classification", "--variants", "zero", "edge", "--seeds", "2")
+    settings = SweepSettings("s", "sqlite:////x.db", "1", "abc", list(p.variants), list(p.seeds), "/tmp/s/train")
+    space, search, samples = sweep.build_param_space(p, settings, data_root=None, cache_dir="/c", loader_workers=0)
+    assert search is None and samples == 1
+    assert space["variant"] == {"grid_search": ["zero", "edge"]} and space["seed"] == {"grid_search": [0, 1]}
+    assert SweepSettings.from_dict(space[SweepSettings.KEY]) == settings
+    p = make_plan(
+        *("--task", "classification", "--variants", "zero", "edge", "--seeds", "2"),
+        *("--search", "optuna", "--num-samples", "3", "--space", "lr=loguniform:1e-4:1e-2"),
+    )
+    space, search, samples = sweep.build_param_space(p, settings, data_root=None, cache_dir="/c", loader_workers=0)
+    assert samples == 3 * 4 and "variant" not in space and "space.lr" in space and search is not None
+
+
+def result(variant, seed, status="ok", **metrics):
+    return report.TrialResult(variant, seed, metrics, status)
+
+
+def test_comparison_mean_std_difference_and_missing_trials():
+    results = [
+        result("partial", 0, **{"best/top1": 76.0}),
+        result("partial", 1, **{"best/top1": 78.0}),
+        result("zero", 0, **{"best/top1": 75.0}),
+        result("zero", 1, "interrupted"),
+        result("edge", 1, "failed"),
+    ]
+    rows = report.comparison(results, ["best/top1"])
+    assert [r["variant"] for r in rows] == ["zero", "edge", "partial"]  # the baseline first
+    zero, edge, partial = rows
+    assert zero["best/top1 seed 1"] == "interrupted" and zero["best/top1 mean"] == 75.0 and zero["best/top1 std"] == 0
+    assert edge["best/top1 seed 0"] == "missing" and edge["best/top1 seed 1"] == "failed"
+    assert math.isnan(edge["best/top1 mean"]) and math.isnan(edge["best/top1 diff to zero"])
+    assert partial["best/top1 mean"] == 77.0 and partial["best/top1 std"] == pytest.approx(math.sqrt(2))  # n - 1
+    assert partial["best/top1 diff to zero"] == 2.0
+    table = report.markdown(rows).splitlines()
+    assert table[0].startswith("| variant | best/top1 seed 0") and table[1].startswith("|---------|")
+    assert "| n/a " in table[3] and "| 77.000 " in table[4] and len({len(line) for line in table}) == 1
+    assert report.to_csv(rows).splitlines()[0].startswith("variant,best/top1 seed 0,best/top1 seed 1,")
+    assert report.markdown([]) == "(no results)"
+
+
+def test_columns_best_of_each_metric_then_last5_of_the_headline():
+    assert report.columns(("val/miou", "val/miou_tile")) == ["best/miou", "best/miou_tile", "last5/miou"]
+
+
+def test_summarize_best_and_last_five():
+    history = [{"val/top1": v, "val/top5": v + 10} for v in (10.0, 50.0, 40.0, 30.0, 20.0, 35.0, 45.0)]
+    summary = summarize(history, ("val/top1", "val/top5"))
+    assert summary["best/top1"] == 50.0 and summary["last5/top1"] == pytest.approx((40 + 30 + 20 + 35 + 45) / 5)
+    assert summary["best/top5"] == 60.0
+    assert summarize(history[:2], ("val/top1",)) == {"best/top1": 50.0, "last5/top1": 30.0}  # fewer than 5 epochs
