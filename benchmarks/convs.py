@@ -29,6 +29,7 @@ from benchmarks.common import (
     table,
     with_baseline,
 )
+from orchestrator.cli import ArgumentParser
 
 # Targets from the foundation issue: time of a forward+backward step relative to the zero-padding model.
 TIME_TARGETS = {"partial": 1.02, "gated": 2.1, "edge": 1.4}
@@ -117,7 +118,7 @@ def forward_only(model: nn.Module, inputs: tuple, amp: bool) -> Callable[[], tor
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m benchmarks.convs", description=__doc__)
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 8 on CPU, 64 on GPU)")
     parser.add_argument("--size", type=int, default=224, help="input height and width in pixels (default 224)")

@@ -12,7 +12,6 @@ which is what a 15-trial sweep pays again and again.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import tempfile
@@ -24,6 +23,7 @@ import ray.tune
 
 from benchmarks.common import table
 from orchestrator import sweep
+from orchestrator.cli import ArgumentParser, CliError
 from orchestrator.config import TrialConfig
 from orchestrator.loop import train
 from tasks import default_cache_dir, ensure_synthetic, get_task
@@ -93,12 +93,12 @@ def split(one: tuple[float, float], many: tuple[float, float], trials: int) -> t
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__)
     parser.add_argument("--trials", type=int, default=4, help="trials in the larger sweep of each path (default 4)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per trial (default 1)")
     args = parser.parse_args(argv)
     if args.trials < 2:
-        parser.error("--trials must be at least 2 (the overhead per trial is the difference to a 1-trial sweep)")
+        raise CliError("--trials must be at least 2 (the overhead per trial is the difference to a 1-trial sweep)")
     task = get_task("classification")
     cache_dir = str(default_cache_dir().resolve())
     ensure_synthetic(task, task.presets["smoke"], Path(cache_dir))

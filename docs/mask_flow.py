@@ -5,7 +5,6 @@ python -m docs.mask_flow [--out docs/mask_flow.png]
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torchvision
 from PIL import Image
 
 import convs
+from orchestrator.cli import ArgumentParser
 
 STAGES = ["input", "conv1", "layer1", "layer2", "layer3", "layer4"]
 
@@ -45,7 +45,7 @@ def stroke_mask(size: int, *, seed: int = 3) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m docs.mask_flow", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("mask_flow.png"))
     parser.add_argument("--size", type=int, default=224)
     args = parser.parse_args(argv)
