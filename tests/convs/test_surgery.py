@@ -43,7 +43,7 @@ def test_convert_torchvision_model(model_name, variant):
     assert sum(isinstance(m, convs.get(variant)) for m in model.modules()) == n_convs
     after = output(model, x)
     assert after.shape == before.shape
-    if variant != "partial":  # all but partial start from the source's function (DESIGN.md, "convs")
+    if variant != "partial":  # all but partial start from the source's function (README)
         torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * before.abs().max().item())
     after.float().pow(2).mean().backward()
     layers = [m for m in model.modules() if isinstance(m, convs.get(variant))]
