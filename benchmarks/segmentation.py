@@ -13,14 +13,13 @@ Cityscapes' 1024 x 2048 images with 1024 x 1024 tiles.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 import convs
 from benchmarks.common import describe, interleaved, median, pick_device, table, with_baseline
-from tasks import get_task
+from orchestrator.cli import ArgumentParser, CliError
+from tasks import autocast, get_task
 from tasks.segmentation import overlap_stride, predict_tiled
 
 
@@ -33,7 +32,7 @@ def build(variant: str, preset, device: torch.device, channels_last: bool) -> to
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m benchmarks.segmentation", description=__doc__)
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     parser.add_argument(
         "--preset", default=None, help="model of this segmentation preset (default: thesis on GPU, cpu)"
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     task = get_task("segmentation")
     preset_name = args.preset or ("thesis" if gpu else "cpu")
     if preset_name not in task.presets:
-        parser.error(f"unknown preset {preset_name!r}; choose from {', '.join(task.presets)}")
+        raise CliError(f"unknown preset {preset_name!r}; choose from {', '.join(task.presets)}")
     preset = task.presets[preset_name]
     batch, height = args.batch or (4 if gpu else 8), args.height or (512 if gpu else 64)
     amp = gpu
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with autocast(device):
                 loss = F.cross_entropy(model(x).float(), y, ignore_index=255)
             loss.backward()
             optimizer.step()
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         def run(mode, model=model):
             @torch.no_grad()
             def step() -> None:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                with autocast(device):
                     modes[mode](model)
 
             return step

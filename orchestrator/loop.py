@@ -6,7 +6,9 @@ torchvision's reference trainers: `train_one_epoch`, `evaluate`, `train`.
 
 from __future__ import annotations
 
+import datetime
 import itertools
+import logging
 import os
 import random
 import statistics
@@ -20,19 +22,32 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader
 
 import convs
-from tasks import Preset, Task, default_cache_dir, ensure_synthetic, get_task
+from tasks import Evaluation, Preset, Task, autocast, default_cache_dir, ensure_synthetic, get_task
 
 from .config import TrialConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
+logger = logging.getLogger(__name__)
+
 
 class Tracker(Protocol):
-    def log_epoch(self, metrics: dict[str, float], epoch: int) -> None: ...
-    def log_best(self, best_checkpoint: Path, extras: dict[str, Any]) -> None: ...
-    def log_final(self, summary: dict[str, float], curves: list[str]) -> None: ...
+    """Where rank 0 logs a trial: every epoch's metrics, the best epoch's checkpoint and evaluation, the summary."""
+
+    def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
+        """The epoch's scalar metrics (train, validation, summary so far, timings)."""
+
+    def log_best(self, best_checkpoint: Path, evaluation: Evaluation) -> None:
+        """A new best epoch: its checkpoint and full evaluation (confusion matrix, per-class tables)."""
+
+    def log_final(self, summary: dict[str, float], curves: list[str]) -> None:
+        """The run's summary (best, last-5 mean) and the metrics to draw as training curves."""
+
+    def logged_epochs(self, metric: str) -> set[int]:
+        """The epochs whose `metric` is already logged (a resumed trial logs only the others)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -43,6 +58,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(model: nn.Module, preset: Preset) -> torch.optim.Optimizer:
+    """SGD with momentum or Adam (momentum as beta1), with the preset's learning rate and weight decay."""
     if preset.optimizer == "sgd":
         return torch.optim.SGD(
             model.parameters(), lr=preset.lr, momentum=preset.momentum, weight_decay=preset.weight_decay
@@ -55,6 +71,7 @@ def build_optimizer(model: nn.Module, preset: Preset) -> torch.optim.Optimizer:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, preset: Preset) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-epoch learning-rate schedule: step (x gamma every step_size epochs), poly or constant."""
     if preset.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=preset.step_size, gamma=preset.gamma)
     if preset.schedule == "poly":
@@ -80,7 +97,15 @@ def prepare(cfg: TrialConfig) -> tuple[Task, Preset, Path]:
     return task, preset, root
 
 
-def train_one_epoch(model, task, loader, optimizer, device, preset, epoch: int) -> float:
+def train_one_epoch(
+    model: nn.Module,
+    task: Task,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    preset: Preset,
+    epoch: int,
+) -> float:
     """One pass over the (sharded) training loader; returns the mean loss over this worker's batches."""
     model.train()
     if hasattr(loader.sampler, "set_epoch"):
@@ -88,7 +113,7 @@ def train_one_epoch(model, task, loader, optimizer, device, preset, epoch: int) 
     total, count = 0.0, 0
     for images, targets in itertools.islice(loader, preset.max_batches):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             loss = task.loss(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -96,6 +121,38 @@ def train_one_epoch(model, task, loader, optimizer, device, preset, epoch: int) 
         total += loss.item()
         count += 1
     return total / max(count, 1)
+
+
+def train_batches(loader: DataLoader, preset: Preset) -> int:
+    """Batches `train_one_epoch` runs on this worker: the loader's length, capped by `preset.max_batches`."""
+    return min(len(loader), preset.max_batches or len(loader))
+
+
+def log_epoch_line(
+    cfg: TrialConfig, task: Task, metrics: dict[str, float], *, epochs: int, images_per_s: float, left_s: float
+) -> None:
+    """One INFO line per epoch: who (task, variant, seed), where (epoch k/N), how well and how fast, time left."""
+    logger.info(
+        "%s %s seed %d: epoch %d/%d  train/loss %.4f  %s %.2f  %.0f images/s  about %s left",
+        task.name,
+        cfg.variant,
+        cfg.seed,
+        metrics["epoch"] + 1,
+        epochs,
+        metrics["train/loss"],
+        task.metric,
+        metrics[task.metric],
+        images_per_s,
+        datetime.timedelta(seconds=round(left_s)),
+    )
+
+
+def log_missing_epochs(tracker: Tracker, history: list[dict[str, float]], task: Task) -> None:
+    """Log the epochs of a resumed trial's history that its tracker lacks (the worker died before logging them)."""
+    logged = tracker.logged_epochs(task.metric)
+    for i, entry in enumerate(history):
+        if int(entry["epoch"]) not in logged:
+            tracker.log_epoch({**entry, **summarize(history[: i + 1], task.table_metrics)}, int(entry["epoch"]))
 
 
 def summarize(history: list[dict[str, float]], metrics: tuple[str, ...]) -> dict[str, float]:
@@ -166,10 +223,15 @@ def train(
     workdir = Path(own.name) if own else Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     best_value = max((h[task.metric] for h in history), default=float("-inf"))
+    if rank == 0 and tracker is not None and history:
+        log_missing_epochs(tracker, history, task)
+    images_per_epoch = train_batches(train_loader, preset) * preset.batch_size * world_size  # drop_last: full batches
+    loop_start = time.perf_counter()
     try:
         for epoch in range(start, preset.epochs):
             epoch_start = time.perf_counter()
             loss = train_one_epoch(net, task, train_loader, optimizer, device, preset, epoch)
+            train_s = time.perf_counter() - epoch_start
             scheduler.step()
             if world_size > 1:
                 mean = torch.tensor([loss], device=device)
@@ -179,8 +241,8 @@ def train(
             metrics["time/epoch_s"] = time.perf_counter() - epoch_start
             checkpoint_dir = None
             if rank == 0:
-                result = task.evaluate(model, val_loader, device, preset)
-                metrics.update({k: float(v) for k, v in result.items() if isinstance(v, int | float)})
+                evaluation = task.evaluate(model, val_loader, device, preset)
+                metrics.update({k: float(v) for k, v in evaluation.scalars.items()})
                 history.append(dict(metrics))
                 metrics.update(summarize(history, task.table_metrics))
                 if metrics[task.metric] > best_value:
@@ -192,10 +254,7 @@ def train(
                     )
                     # Logged now, not at the end: a worker that crashes and resumes elsewhere keeps its best model.
                     if tracker is not None:
-                        extras = {k: v for k, v in result.items() if not isinstance(v, int | float)}
-                        tracker.log_best(best, extras)
-                if tracker is not None:
-                    tracker.log_epoch(metrics, epoch)
+                        tracker.log_best(best, evaluation)
                 checkpoint_dir = Path(tempfile.mkdtemp(prefix="ckpt-", dir=workdir))
                 save_checkpoint(
                     {
@@ -212,9 +271,22 @@ def train(
                     },
                     checkpoint_dir,
                 )
+                per_epoch_s = (time.perf_counter() - loop_start) / (epoch + 1 - start)
+                log_epoch_line(
+                    cfg,
+                    task,
+                    metrics,
+                    epochs=preset.epochs,
+                    images_per_s=images_per_epoch / max(train_s, 1e-9),
+                    left_s=per_epoch_s * (preset.epochs - epoch - 1),
+                )
             metrics["time/loop_s"] = time.perf_counter() - started  # since this worker entered train()
             if report is not None:
                 report(metrics, checkpoint_dir)
+            # After the report, whose checkpoint holds this epoch: a trial killed before it redoes the epoch and
+            # logs it then; one killed between the two logs it on resume (`log_missing_epochs`). Once either way.
+            if rank == 0 and tracker is not None:
+                tracker.log_epoch(metrics, epoch)
         summary = summarize(history, task.table_metrics) if rank == 0 and history else {}
         if rank == 0 and tracker is not None and summary:
             tracker.log_final(summary, ["train/loss", *task.table_metrics])

@@ -7,12 +7,15 @@ the driver, Tune functions and Ray Train workers each talk to the same store wit
 from __future__ import annotations
 
 import csv
+import functools
 import io
+import logging
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -20,8 +23,13 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+if TYPE_CHECKING:
+    from tasks import ClassTable, ConfusionMatrix, Evaluation
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3.17 refuses a plain ./mlruns file store
 SWEEP_TAG, TRIAL_TAG = "bench.sweep", "bench.trial_id"
+
+logger = logging.getLogger(__name__)
 
 
 class TrackingError(RuntimeError):
@@ -67,9 +75,13 @@ def ensure_experiment(uri: str, name: str) -> str:
 def find_or_create_run(
     uri: str, experiment_id: str, *, tags: dict[str, str], key: str, name: str, parent: str | None = None
 ) -> str:
-    """The run tagged `key`=tags[key] in the experiment, or a new one: resumes and retries never duplicate a run."""
+    """The run tagged `key`=tags[key] in the experiment, or a new one: resumes and retries never duplicate a run.
+
+    Only a run at the same level counts: a sweep's trial runs carry its tag too, but have a parent.
+    """
     client = MlflowClient(uri)
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{key}` = '{tags[key]}'", max_results=1)
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{key}` = '{tags[key]}'")
+    runs = [r for r in runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent]
     if runs:
         run_id = runs[0].info.run_id
         if runs[0].info.status != "RUNNING":
@@ -93,81 +105,114 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(uri).set_terminated(run_id, status=status)
 
 
+def end_running_trials(uri: str, experiment_id: str, sweep: str, status: str) -> list[str]:
+    """Give every trial run of `sweep` still RUNNING the terminal `status` (KILLED after Ctrl-C); return their ids."""
+    client = MlflowClient(uri)
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{TRIAL_TAG}` != '' and attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        client.set_terminated(run.info.run_id, status=status)
+    return [run.info.run_id for run in runs]
+
+
 def log_text(uri: str, run_id: str, text: str, path: str) -> None:
     MlflowClient(uri).log_text(run_id, text, path)
 
 
+@functools.cache
+def _pyplot() -> ModuleType:
+    """matplotlib's pyplot on the file-only Agg backend (Ray workers have no display), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def confusion_csv(confusion: ConfusionMatrix) -> str:
+    """The confusion matrix as CSV: a `true \\ predicted` header of class names, then one row of counts per class."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["true \\ predicted", *confusion.classes])
+    for name, row in zip(confusion.classes, confusion.counts.tolist(), strict=True):
+        writer.writerow([name, *row])
+    return buffer.getvalue()
+
+
+def table_csv(table: ClassTable) -> str:
+    """A per-class table as CSV: `class` and the column names, then one row per class (`table.digits` decimals)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["class", *table.columns])
+    for i, name in enumerate(table.classes):
+        writer.writerow([name, *(f"{values[i]:.{table.digits}f}" for values in table.columns.values())])
+    return buffer.getvalue()
+
+
 class MlflowTracker:
-    """Per-trial logging from rank 0 of the Ray Train run: per-epoch metrics, the best epoch, the final summary."""
+    """Per-trial logging from rank 0 of the Ray Train run: per-epoch metrics, the best epoch, the final summary.
+
+    Task-agnostic: whatever confusion matrix and per-class tables a task's `Evaluation` holds are drawn the same way.
+    """
 
     def __init__(self, uri: str, run_id: str) -> None:
         self.client, self.run_id = MlflowClient(uri), run_id
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
+        """Every metric but `epoch` itself, at step `epoch`."""
         timestamp = int(time.time() * 1000)
         batch = [Metric(k, float(v), timestamp, epoch) for k, v in metrics.items() if k != "epoch"]
         self.client.log_batch(self.run_id, metrics=batch)
 
-    def log_best(self, best_checkpoint: Path, extras: dict[str, Any]) -> None:
-        """The best epoch so far: its checkpoint and confusion matrix replace the previous best's."""
+    def logged_epochs(self, metric: str) -> set[int]:
+        """The steps (epochs) at which `metric` is logged in this run."""
+        return {m.step for m in self.client.get_metric_history(self.run_id, metric)}
+
+    def log_best(self, best_checkpoint: Path, evaluation: Evaluation) -> None:
+        """The best epoch so far: its checkpoint (`checkpoints/best.pt`), confusion matrix (`confusion_matrix.csv`,
+        `.png`) and per-class tables (`<name>.csv`, `.png`), each replacing the previous best's."""
         self.client.log_artifact(self.run_id, str(best_checkpoint), "checkpoints")
-        confusion, classes = extras.get("confusion"), extras.get("classes")
-        if confusion is not None:
-            names = [c[0] if isinstance(c, tuple | list) else str(c) for c in (classes or range(len(confusion)))]
-            buffer = io.StringIO()
-            writer = csv.writer(buffer)
-            writer.writerow(["true \\ predicted", *names])
-            for name, row in zip(names, confusion.tolist(), strict=True):
-                writer.writerow([name, *row])
-            self.client.log_text(self.run_id, buffer.getvalue(), "confusion_matrix.csv")
-            self._log_confusion_png(confusion, names)
-        per_class = extras.get("per_class_iou")  # {mode: [IoU per class]} from segmentation
-        if per_class is not None:
-            names = [str(c) for c in classes or range(len(next(iter(per_class.values()))))]
-            self._log_per_class(per_class, names)
+        if evaluation.confusion is not None:
+            self.client.log_text(self.run_id, confusion_csv(evaluation.confusion), "confusion_matrix.csv")
+            self._log_confusion_png(evaluation.confusion)
+        for table in evaluation.tables:
+            self.client.log_text(self.run_id, table_csv(table), f"{table.name}.csv")
+            self._log_table_png(table)
+        logger.debug("run %s: best checkpoint and evaluation artifacts logged", self.run_id)
 
     def log_final(self, summary: dict[str, float], curves: list[str]) -> None:
         """The per-run numbers (best, last-5 mean) and the training curves of the metrics in `curves`."""
         self.client.log_dict(self.run_id, summary, "summary.json")
         self._log_curves(curves)
 
-    def _log_per_class(self, per_class: dict[str, list[float]], names: list[str]) -> None:
-        """Per-class IoU of the best epoch in every evaluation mode: a CSV table and a grouped bar chart."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        modes = list(per_class)
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["class", *(f"iou_{m}" for m in modes)])
-        for i, name in enumerate(names):
-            writer.writerow([name, *(f"{per_class[m][i]:.3f}" for m in modes)])
-        self.client.log_text(self.run_id, buffer.getvalue(), "per_class_iou.csv")
+    def _log_table_png(self, table: ClassTable) -> None:
+        """A grouped bar chart: one group per class, one bar per column (NaN, e.g. an absent class: no bar)."""
+        plt = _pyplot()
+        names, columns = table.classes, list(table.columns)
         fig, ax = plt.subplots(figsize=(2 + 0.55 * len(names), 3.5))
-        width = 0.8 / len(modes)
-        for k, mode in enumerate(modes):
-            values = np.nan_to_num(np.asarray(per_class[mode], dtype=float), nan=0.0)  # absent classes: no bar
-            ax.bar(np.arange(len(names)) + (k - (len(modes) - 1) / 2) * width, values, width, label=mode)
+        width = 0.8 / max(len(columns), 1)
+        for k, column in enumerate(columns):
+            values = np.nan_to_num(np.asarray(table.columns[column], dtype=float), nan=0.0)
+            ax.bar(np.arange(len(names)) + (k - (len(columns) - 1) / 2) * width, values, width, label=column)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-        ax.set_ylabel("IoU (%)")
-        ax.set_ylim(0, 100)
+        ax.set_ylabel(table.ylabel)
+        if table.ylim is not None:
+            ax.set_ylim(*table.ylim)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        self.client.log_figure(self.run_id, fig, "per_class_iou.png")
+        self.client.log_figure(self.run_id, fig, f"{table.name}.png")
         plt.close(fig)
 
-    def _log_confusion_png(self, confusion, names: list[str]) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    def _log_confusion_png(self, confusion: ConfusionMatrix) -> None:
+        plt = _pyplot()
+        names, counts = confusion.classes, confusion.counts.numpy()
         fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(names), 1 + 0.6 * len(names)))
-        ax.imshow(confusion.numpy(), cmap="Blues")
+        ax.imshow(counts, cmap="Blues")
         if len(names) <= 12:  # counts stay readable; with 19 classes the colours tell the story
-            for (i, j), v in np.ndenumerate(confusion.numpy()):
+            for (i, j), v in np.ndenumerate(counts):
                 ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(names)), names, fontsize=7)
@@ -178,11 +223,7 @@ class MlflowTracker:
         plt.close(fig)
 
     def _log_curves(self, keys: list[str]) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = _pyplot()
         fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
         for ax, key in zip(axes[0], keys, strict=True):
             points = sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))

@@ -1,10 +1,14 @@
 """The shared training loop without Ray: it learns, checkpoints atomically and resumes where it stopped."""
 
+import logging
+import re
+
 import pytest
 import torch
 
 from orchestrator.config import TrialConfig
 from orchestrator.loop import CHECKPOINT_FILE, train
+from tasks import Evaluation, PresetError
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +29,19 @@ def config(cache, **kw):
 
 
 @pytest.mark.parametrize("variant", ["zero", "partial"])
-def test_smoke_preset_learns(cache, variant):
-    out = train(config(cache, variant=variant))
+def test_smoke_preset_learns(cache, variant, caplog):
+    with caplog.at_level(logging.INFO, logger="orchestrator.loop"):
+        out = train(config(cache, variant=variant))
     assert len(out["history"]) == 4
     assert out["best/top1"] >= 50.0, f"4 classes: chance is 25%, got {out['best/top1']}"  # clearly above chance
     assert out["history"][-1]["train/loss"] < out["history"][0]["train/loss"]
+    # one progress line per epoch: who, which epoch, loss, headline metric, speed, time left
+    lines = [r.getMessage() for r in caplog.records if r.name == "orchestrator.loop"]
+    pattern = (
+        rf"classification {variant} seed 0: epoch (\d)/4  train/loss [\d.]+  val/top1 [\d.]+  \d+ images/s  about "
+    )
+    assert [int(re.match(pattern, line).group(1)) for line in lines] == [1, 2, 3, 4], lines
+    assert lines[-1].endswith("about 0:00:00 left")
 
 
 def test_report_checkpoints_and_resume(cache, tmp_path):
@@ -49,6 +61,38 @@ def test_report_checkpoints_and_resume(cache, tmp_path):
         assert a["val/top1"] == pytest.approx(b["val/top1"]) and a["train/loss"] == pytest.approx(b["train/loss"])
 
 
+class RecordingTracker:
+    def __init__(self):
+        self.calls = []
+
+    def log_epoch(self, metrics, epoch):
+        self.calls.append(("epoch", epoch, metrics))
+
+    def log_best(self, best_checkpoint, evaluation):
+        self.calls.append(("best", best_checkpoint.name, evaluation))
+
+    def log_final(self, summary, curves):
+        self.calls.append(("final", summary, curves))
+
+    def logged_epochs(self, metric):
+        return {c[1] for c in self.calls if c[0] == "epoch"}
+
+
+def test_tracker_gets_every_epoch_the_typed_best_evaluation_and_the_summary(cache):
+    tracker = RecordingTracker()
+    out = train(config(cache, seed=1, overrides={"epochs": 2}), tracker=tracker)
+    kinds = [c[0] for c in tracker.calls]
+    assert kinds.count("epoch") == 2 and kinds[-1] == "final" and "best" in kinds
+    for _, name, evaluation in (c for c in tracker.calls if c[0] == "best"):
+        assert name == "best.pt" and isinstance(evaluation, Evaluation)
+        assert evaluation.confusion.counts.shape == (4, 4) and len(evaluation.confusion.classes) == 4
+        assert set(evaluation.scalars) == {"val/top1", "val/top5", "val/loss"}
+    epoch_metrics = [c[2] for c in tracker.calls if c[0] == "epoch"]
+    assert all(isinstance(v, float | int) for m in epoch_metrics for v in m.values())  # scalars only
+    assert tracker.calls[-1][1] == {k: v for k, v in out.items() if k != "history"}
+    assert tracker.calls[-1][2] == ["train/loss", "val/top1"]
+
+
 def test_same_seed_same_run(cache):
     a, b = train(config(cache, seed=5)), train(config(cache, seed=5))
     assert [h["train/loss"] for h in a["history"]] == [h["train/loss"] for h in b["history"]]
@@ -57,9 +101,29 @@ def test_same_seed_same_run(cache):
 def test_bad_settings(cache):
     with pytest.raises(ValueError, match="Unknown preset key"):
         train(config(cache, overrides={"epoch": 3}))
+    with pytest.raises(PresetError, match=r"epochs=-3: expected an integer >= 1 \(e\.g\. --epochs 12\)"):
+        train(config(cache, overrides={"epochs": -3}))
+    with pytest.raises(PresetError, match=r"Unknown preset key\(s\) \['tile_size'\]"):  # segmentation's, not ours
+        train(config(cache, overrides={"tile_size": 32}))
     with pytest.raises(ValueError, match="does not support variant 'partail'; it supports"):
         train(config(cache, variant="partail"))
     with pytest.raises(ValueError, match="Known presets: thesis, cpu, smoke"):
         train(TrialConfig(task="classification", variant="zero", seed=0, preset="tiny", cache_dir=cache))
     with pytest.raises(ValueError, match="Unknown config key"):
         TrialConfig.from_dict({"task": "classification", "variant": "zero", "seed": 0, "lr": 0.1})
+
+
+def test_a_resumed_trial_logs_each_epoch_once(cache, tmp_path):
+    """Killed after its epoch-1 checkpoint but before logging epoch 1: the resume logs 1 from the checkpoint's
+    history, then 2 and 3 as it trains them; no epoch twice, none missing."""
+    checkpoints = []
+    train(
+        config(cache, seed=2),
+        report=lambda m, folder: checkpoints.append(torch.load(folder / CHECKPOINT_FILE, weights_only=False)),
+    )
+    tracker = RecordingTracker()
+    tracker.calls.append(("epoch", 0, {}))  # what the first worker logged before it died
+    train(config(cache, seed=2), resume=checkpoints[1], tracker=tracker)
+    assert [c[1] for c in tracker.calls if c[0] == "epoch"] == [0, 1, 2, 3]
+    backfilled = next(c[2] for c in tracker.calls if c[0] == "epoch" and c[1] == 1)
+    assert backfilled["val/top1"] == checkpoints[1]["history"][1]["val/top1"] and "best/top1" in backfilled

@@ -1,0 +1,76 @@
+"""ImageNet on disk: the expected layout, its check, the transforms, and the torchvision datasets that read it.
+
+Layout and recipe: docs/datasets.md, "ImageNet classification".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torchvision
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from ..common import IMAGENET_MEAN, IMAGENET_STD
+from ..data import LayoutError
+from .presets import ClassificationPreset
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+LAYOUT = (
+    "ROOT/train/<wnid>/<wnid>_<n>.JPEG    e.g. ROOT/train/n01440764/n01440764_10026.JPEG\n"
+    "ROOT/val/<wnid>/<name>.JPEG          validation re-sorted into one folder per class,\n"
+    "                                     e.g. ROOT/val/n01440764/ILSVRC2012_val_00000293.JPEG\n"
+    "ROOT/meta.bin                        optional: torch.save((wnid_to_classes, val_wnids)), as written by\n"
+    "                                     torchvision.datasets.ImageNet"
+)
+
+
+def build_transform(preset: ClassificationPreset, *, train: bool) -> transforms.Compose:
+    """The partial-conv recipe: RandomResizedCrop + flip for training, Resize + CenterCrop for validation."""
+    norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if train:
+        crop = transforms.RandomResizedCrop(preset.image_size, scale=preset.crop_scale)
+        return transforms.Compose([crop, transforms.RandomHorizontalFlip(), *norm])
+    return transforms.Compose([transforms.Resize(preset.eval_size), transforms.CenterCrop(preset.image_size), *norm])
+
+
+def has_image(folder: Path) -> bool:
+    """Whether `folder` directly holds at least one .JPEG/.jpg/.png file."""
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+
+
+def class_folders(root: Path, split: str) -> list[str]:
+    """The sorted class folder names (wnids) of `ROOT/<split>` that hold images: the class index order."""
+    return sorted(d.name for d in (Path(root) / split).iterdir() if d.is_dir() and has_image(d))
+
+
+def check_layout(root: Path) -> None:
+    """Raise `LayoutError` showing the expected layout unless `root` holds an ImageNet-style tree."""
+    root = Path(root)
+    problems = []
+    classes = {}
+    for split in ("train", "val"):
+        folder = root / split
+        if not folder.is_dir():
+            problems.append(f"missing folder {folder}")
+            continue
+        found = class_folders(root, split)
+        if not found:
+            problems.append(f"{folder} has no class folder with .JPEG/.jpg/.png images")
+        classes[split] = found
+    if not problems and classes["train"] != classes["val"]:
+        only = sorted(set(classes["train"]) ^ set(classes["val"]))
+        problems.append(f"train and val have different class folders (e.g. {', '.join(only[:3])})")
+    if problems:
+        raise LayoutError(
+            f"{root} does not look like an ImageNet-style dataset: {'; '.join(problems)}.\nExpected layout:\n{LAYOUT}"
+        )
+
+
+def build_dataset(root: Path, preset: ClassificationPreset, split: str) -> Dataset:
+    """The real loader: torchvision's ImageNet where meta.bin exists, else ImageFolder on ROOT/<split>."""
+    check_layout(root)
+    transform = build_transform(preset, train=split == "train")
+    if (Path(root) / "meta.bin").exists():
+        return torchvision.datasets.ImageNet(str(root), split=split, transform=transform)
+    return torchvision.datasets.ImageFolder(str(Path(root) / split), transform=transform)

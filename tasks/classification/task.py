@@ -1,0 +1,63 @@
+"""The classification task: ties the ImageNet layout, synthetic stand-in, ResNet, loss and metrics together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data import sharded_loaders
+from ..evaluation import Evaluation
+from . import data, metrics, synthetic
+from .model import build_model
+from .presets import PRESETS, ClassificationPreset
+
+
+class ClassificationTask:
+    """ImageNet-style classification: `ROOT/{train,val}/<wnid>/*.JPEG`, class index = sorted position of the wnid."""
+
+    name: ClassVar[str] = "classification"
+    preset_class: ClassVar[type[ClassificationPreset]] = ClassificationPreset
+    presets: ClassVar[dict[str, ClassificationPreset]] = PRESETS
+    metric: ClassVar[str] = "val/top1"
+    table_metrics: ClassVar[tuple[str, ...]] = ("val/top1",)
+    variants: ClassVar[tuple[str, ...]] = ("zero", "partial", "gated", "edge", "affine")
+    layout: ClassVar[str] = data.LAYOUT
+
+    def check_layout(self, root: Path) -> None:
+        """Raise `LayoutError` showing the expected layout unless `root` holds an ImageNet-style tree."""
+        data.check_layout(root)
+
+    def write_synthetic(self, root: Path, preset: ClassificationPreset, *, seed: int = 0) -> None:
+        """Write the synthetic stand-in, sized by `preset.synthetic`, in the real ImageNet layout."""
+        synthetic.write_synthetic(root, preset.synthetic, seed=seed)
+
+    def build_loaders(
+        self, root: Path, preset: ClassificationPreset, *, rank: int, world_size: int, seed: int, workers: int
+    ) -> tuple[DataLoader, DataLoader]:
+        """Train loader sharded over the Ray Train workers (seeded order); the full validation loader."""
+        train, val = data.build_dataset(root, preset, "train"), data.build_dataset(root, preset, "val")
+        common = dict(rank=rank, world_size=world_size, seed=seed, workers=workers)
+        return sharded_loaders(train, val, preset, **common, where=f"{root}/train")
+
+    def num_classes(self, root: Path) -> int:
+        """The number of class folders under ROOT/train."""
+        return len(data.class_folders(root, "train"))
+
+    def build_model(self, preset: ClassificationPreset, *, num_classes: int) -> nn.Module:
+        """torchvision's `preset.model`, untrained, with `num_classes` outputs."""
+        return build_model(preset, num_classes=num_classes)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the logits."""
+        return F.cross_entropy(output, target)
+
+    def evaluate(
+        self, model: nn.Module, loader: DataLoader, device: torch.device, preset: ClassificationPreset
+    ) -> Evaluation:
+        """Top-1/top-5 accuracy (%), mean loss and the confusion matrix over the validation loader."""
+        return metrics.evaluate(model, loader, device, preset)

@@ -1,0 +1,114 @@
+"""Segmentation metrics as the thesis reports them: mIoU from a confusion matrix over the split, in three modes
+(whole image, square tiles, tiles with 1/3 overlap); docs/datasets.md, "Cityscapes segmentation"."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..common import autocast, log_progress
+from ..evaluation import ClassTable, ConfusionMatrix, Evaluation
+from .data import IGNORE, TRAIN_CLASSES
+from .presets import SegmentationPreset
+
+logger = logging.getLogger(__name__)
+
+EVAL_MODES = {"whole": "val/miou", "tile": "val/miou_tile", "tile_overlap": "val/miou_tile_overlap"}
+
+
+def window_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Start offsets of windows of `tile` pixels every `stride` along `length`, the last one clamped to the edge."""
+    if not 0 < tile <= length or stride <= 0:
+        raise ValueError(f"need 0 < tile <= length and stride > 0, got tile={tile}, length={length}, stride={stride}")
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] + tile < length:
+        starts.append(length - tile)
+    return starts
+
+
+def overlap_stride(tile: int) -> int:
+    """The thesis' overlapping tiles: 1/3 overlap, stride = ceil(2/3 tile)."""
+    return math.ceil(2 * tile / 3)
+
+
+def predict_tiled(model: nn.Module, images: torch.Tensor, tile: int, stride: int) -> torch.Tensor:
+    """Class probabilities from square tiles: each tile's softmax summed into place, divided by the per-pixel count."""
+    n, _, height, width = images.shape
+    total = count = None
+    for top in window_starts(height, tile, stride):
+        for left in window_starts(width, tile, stride):
+            logits = model(images[:, :, top : top + tile, left : left + tile]).float()
+            if total is None:
+                total = logits.new_zeros(n, logits.shape[1], height, width)
+                count = logits.new_zeros(1, 1, height, width)
+            total[:, :, top : top + tile, left : left + tile] += logits.softmax(dim=1)
+            count[:, :, top : top + tile, left : left + tile] += 1
+    return total / count
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int = len(TRAIN_CLASSES)) -> torch.Tensor:
+    """num_classes x num_classes counts (rows: true class, columns: predicted); pixels labelled 255 are skipped."""
+    valid = target != IGNORE
+    index = target[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(index.cpu(), minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def iou_per_class(confusion: torch.Tensor) -> torch.Tensor:
+    """IoU = diag / (row + col - diag) per class; NaN for a class neither present nor predicted."""
+    confusion = confusion.double()
+    diag = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - diag
+    return torch.where(union > 0, diag / union.clamp(min=1), torch.full_like(diag, math.nan))
+
+
+def mean_iou(confusion: torch.Tensor) -> float:
+    """Mean IoU in percent over the classes that are not NaN (the thesis' and NVIDIA's mIoU)."""
+    iou = iou_per_class(confusion)
+    return 100.0 * iou[~iou.isnan()].mean().item() if (~iou.isnan()).any() else math.nan
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, preset: SegmentationPreset) -> Evaluation:
+    """mIoU (%) in the thesis' three modes from confusion matrices accumulated over the split, plus per-class IoU.
+
+    whole: the full image in one pass. tile: square tiles of `preset.tile_size` (clipped to the image) without
+    overlap. tile_overlap: the same tiles with 1/3 overlap. Tile probabilities are averaged where windows meet.
+    """
+    model.eval()
+    n = len(TRAIN_CLASSES)
+    confusions = {mode: torch.zeros(n, n, dtype=torch.long) for mode in EVAL_MODES}
+    loss_sum, pixels = 0.0, 0
+    batches = itertools.islice(loader, preset.max_batches)
+    count = min(len(loader), preset.max_batches or len(loader))
+    for images, targets in log_progress(batches, total=count, what="evaluation batches", logger=logger):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        tile = min(preset.tile_size or images.shape[-2], *images.shape[-2:])
+        with autocast(device):
+            logits = model(images).float()
+            predictions = {
+                "whole": logits.argmax(1),
+                "tile": predict_tiled(model, images, tile, tile).argmax(1),
+                "tile_overlap": predict_tiled(model, images, tile, overlap_stride(tile)).argmax(1),
+            }
+        loss_sum += F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum").item()
+        pixels += (targets != IGNORE).sum().item()
+        for mode, pred in predictions.items():
+            confusions[mode] += confusion_matrix(pred, targets, n)
+    scalars = {key: mean_iou(confusions[mode]) for mode, key in EVAL_MODES.items()}
+    whole = confusions["whole"]
+    scalars["val/pixel_acc"] = 100.0 * whole.diag().sum().item() / max(whole.sum().item(), 1)
+    scalars["val/loss"] = loss_sum / max(pixels, 1)
+    per_class = ClassTable(
+        "per_class_iou",
+        list(TRAIN_CLASSES),
+        {f"iou_{mode}": (100.0 * iou_per_class(c)).tolist() for mode, c in confusions.items()},
+        ylabel="IoU (%)",
+        ylim=(0, 100),
+    )
+    return Evaluation(scalars, confusion=ConfusionMatrix(whole, list(TRAIN_CLASSES)), tables=[per_class])

@@ -1,0 +1,86 @@
+"""Segmentation recipes: the thesis' Cityscapes schedule and laptop-sized ones on the synthetic stand-in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..preset import Integer, Interval, Preset
+
+
+@dataclass(frozen=True)
+class SegmentationPreset(Preset):
+    """A segmentation recipe: the shared fields plus the evaluation tiles and the training rescaling range."""
+
+    tile_size: int | None = None  # side of the square evaluation tiles (None: the image height)
+    scale_range: tuple[float, float] = (1.0, 1.0)  # random rescaling factor before the training crop
+
+    checks: ClassVar[dict[str, Callable[[str, Any], Any]]] = {
+        **Preset.checks,
+        "tile_size": Integer(1, optional=True, example="tile_size=1024, or None for tiles of the image height"),
+        "scale_range": Interval(0.0, example="scale_range=(0.5, 2.0)"),
+    }
+
+
+_CPU = SegmentationPreset(
+    model="resnet18",
+    epochs=12,
+    batch_size=8,
+    eval_batch_size=8,
+    optimizer="adam",
+    lr=1e-3,
+    weight_decay=0.0,
+    schedule="poly",
+    poly_power=1.0,
+    image_size=128,  # clipped to the 64 x 128 synthetic images: they train whole
+    tile_size=64,  # square tiles of the image height, as 1024 x 1024 tiles of Cityscapes' 1024 x 2048
+    scale_range=(1.0, 1.0),
+    model_options={  # output stride 16: a third of the time of stride 8 at this size
+        "output_stride": 16,
+        "aspp_rates": (2, 4, 6),
+        "aspp_channels": 64,
+        "decoder_channels": 64,
+        "low_level_channels": 24,
+    },
+    synthetic={
+        "cities": {"train": ["aachen", "bochum", "bremen"], "val": ["frankfurt"]},
+        "per_city": 24,
+        "width": 128,
+        "height": 64,
+    },
+)
+
+PRESETS: dict[str, SegmentationPreset] = {
+    # Thesis Table 4.3 / 4.4 recipe (NVIDIA semantic-segmentation): 175 epochs, SGD 1e-3, poly 1.0, crop 536,
+    # SyncBN across workers, no backbone pretraining; wide_resnet50_2 is torchvision's closest to WideResNet38.
+    "thesis": SegmentationPreset(
+        model="wide_resnet50_2",
+        epochs=175,
+        batch_size=2,
+        eval_batch_size=1,
+        lr=1e-3,
+        weight_decay=1e-4,
+        schedule="poly",
+        poly_power=1.0,
+        image_size=536,
+        tile_size=1024,
+        scale_range=(0.5, 2.0),
+        sync_bn=True,
+        model_options={"output_stride": 8, "aspp_rates": (12, 24, 36)},
+    ),
+    "cpu": _CPU,
+    # The cpu recipe on fewer, smaller images with a few batches per epoch: for tests and a first try.
+    "smoke": _CPU.updated(
+        epochs=4,
+        batch_size=8,
+        max_batches=6,
+        synthetic={
+            "cities": {"train": ["aachen", "bochum"], "val": ["frankfurt"]},
+            "per_city": 24,
+            "width": 64,
+            "height": 32,
+        },
+        tile_size=32,
+    ),
+}

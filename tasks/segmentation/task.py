@@ -1,0 +1,63 @@
+"""The segmentation task: ties the Cityscapes layout, synthetic stand-in, DeepLabV3+, loss and metrics together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data import sharded_loaders
+from ..evaluation import Evaluation
+from . import data, metrics, synthetic
+from .model import DeepLabV3Plus
+from .presets import PRESETS, SegmentationPreset
+
+
+class SegmentationTask:
+    """Cityscapes-style semantic segmentation with 19 train ids, DeepLabV3+ on a torchvision ResNet."""
+
+    name: ClassVar[str] = "segmentation"
+    preset_class: ClassVar[type[SegmentationPreset]] = SegmentationPreset
+    presets: ClassVar[dict[str, SegmentationPreset]] = PRESETS
+    metric: ClassVar[str] = "val/miou"
+    table_metrics: ClassVar[tuple[str, ...]] = tuple(metrics.EVAL_MODES.values())
+    variants: ClassVar[tuple[str, ...]] = ("zero", "partial", "gated", "edge", "affine")
+    layout: ClassVar[str] = data.LAYOUT
+
+    def check_layout(self, root: Path) -> None:
+        """Raise `LayoutError` showing the expected layout unless `root` holds Cityscapes' fine train/val folders."""
+        data.check_layout(root)
+
+    def write_synthetic(self, root: Path, preset: SegmentationPreset, *, seed: int = 0) -> None:
+        """Write the synthetic street scenes, sized by `preset.synthetic`, in the real Cityscapes layout."""
+        synthetic.write_synthetic(root, preset.synthetic, seed=seed)
+
+    def build_loaders(
+        self, root: Path, preset: SegmentationPreset, *, rank: int, world_size: int, seed: int, workers: int
+    ) -> tuple[DataLoader, DataLoader]:
+        """Train loader sharded over the Ray Train workers (seeded order); the whole validation split, full size."""
+        train, val = data.build_dataset(root, preset, "train"), data.build_dataset(root, preset, "val")
+        common = dict(rank=rank, world_size=world_size, seed=seed, workers=workers)
+        return sharded_loaders(train, val, preset, **common, where=f"{root}/leftImg8bit/train")
+
+    def num_classes(self, root: Path) -> int:
+        """Always the 19 Cityscapes train ids."""
+        return len(data.TRAIN_CLASSES)
+
+    def build_model(self, preset: SegmentationPreset, *, num_classes: int) -> nn.Module:
+        """DeepLabV3+ on the preset's ResNet backbone, with `preset.model_options` (output stride, head widths)."""
+        return DeepLabV3Plus(preset.model, num_classes=num_classes, **preset.model_options)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-pixel cross-entropy; label 255 is ignored."""
+        return F.cross_entropy(output, target, ignore_index=data.IGNORE)
+
+    def evaluate(
+        self, model: nn.Module, loader: DataLoader, device: torch.device, preset: SegmentationPreset
+    ) -> Evaluation:
+        """mIoU (%) whole / tiles / overlapping tiles, pixel accuracy, loss, confusion matrix and per-class IoU."""
+        return metrics.evaluate(model, loader, device, preset)

@@ -1,0 +1,32 @@
+"""Shared data plumbing: the synthetic stand-in is generated once, atomically, and a split too small is reported."""
+
+import logging
+
+import pytest
+
+import tasks
+from tasks import LayoutError, ensure_synthetic, get_task
+
+
+@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+def test_generation_is_cached_and_survives_a_crash(name, tmp_path, caplog):
+    task = get_task(name)
+    preset = task.presets["smoke"]
+    with caplog.at_level(logging.INFO, logger="tasks"):
+        first = ensure_synthetic(task, preset, tmp_path)
+    progress = [r.getMessage() for r in caplog.records]
+    assert any("writing the synthetic" in m for m in progress) and any(" ready in " in m for m in progress)
+    assert len(progress) >= 3  # the start, at least one progress line from the task's generator, the end
+    stamp = (first / ".complete").stat().st_mtime_ns
+    assert ensure_synthetic(task, preset, tmp_path) == first
+    assert (first / ".complete").stat().st_mtime_ns == stamp
+    (first / ".complete").unlink()  # as if a writer had died before finishing
+    assert ensure_synthetic(task, preset, tmp_path) == first and (first / ".complete").exists()
+
+
+def test_a_split_smaller_than_one_batch_says_so(tmp_path):
+    task = get_task("classification")
+    preset = task.presets["smoke"]
+    root = ensure_synthetic(task, preset, tmp_path)
+    with pytest.raises(LayoutError, match=r"train holds 128 images, fewer than one batch of 100 per worker x 2"):
+        task.build_loaders(root, preset.updated(batch_size=100), rank=0, world_size=2, seed=0, workers=0)
