@@ -32,7 +32,7 @@ from . import report, tracking
 from .cli import ArgumentParser, CliError, setup_logging
 from .config import SweepSettings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("orchestrator.sweep")  # not __name__: that is "__main__" under python -m
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 ARGS_FILE = "sweep-args.json"  # the command line a sweep started with, beside Tune's state: --resume reads it
