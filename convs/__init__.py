@@ -5,12 +5,16 @@ from .gated import AffineGatedConv2d, GatedConv2d
 from .masked import Masked
 from .masks import MaskFlow
 from .partial import PartialConv2d
-from .policy import ConvReplacement, ConvSite
-from .surgery import VARIANTS, convert, get
+from .policy import STARTS, ConvReplacement, ConvSite
+from .spec import ALIAS_MEANINGS, ALIASES, VARIANTS, VariantSpec, get, parse_variant
+from .surgery import convert
 
 __all__ = [
+    "ALIASES",
+    "ALIAS_MEANINGS",
     "VARIANTS",
     "REGIONS",
+    "STARTS",
     "AffineGatedConv2d",
     "ConvReplacement",
     "ConvSite",
@@ -19,6 +23,8 @@ __all__ = [
     "Masked",
     "MaskFlow",
     "PartialConv2d",
+    "VariantSpec",
     "convert",
     "get",
+    "parse_variant",
 ]

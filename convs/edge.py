@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import Self
+from typing import Literal, Self
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .geometry import SizeCache, check_padding_mode, conv_kwargs, conv_plans, copy_conv_params, side_padding
-from .policy import ConvReplacement
+from .policy import ConvReplacement, check_start
 
-# Order of the 8 border filters in `region_weight`; the interior filter is the layer's ordinary `weight`.
+# Order of the 8 border filters in `region_weight` (and biases in `region_bias`); the interior filter is the layer's
+# ordinary `weight` and `bias`.
 REGIONS = ("top_left", "top", "top_right", "left", "right", "bottom_left", "bottom", "bottom_right")
 
 
@@ -20,7 +21,9 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
     """Edge convolution: one filter per region (interior, 4 edges, 4 corners), whatever the kernel size.
 
     An output position belongs to a border region when its window reaches into the padding on that side (the
-    thesis' scalable design: one filter per region rather than per distance to the border). The interior
+    thesis' scalable design: one filter per region rather than per distance to the border). Each region has its
+    own filter and, when the layer has a bias, its own bias (thesis eq. 3.1): `region_weight` and `region_bias`
+    stack the 8 border regions along the output channels, in `REGIONS` order. The interior
     filter runs once over the whole image, as a plain conv would; only the thin border strips are recomputed
     with their own filters. Strided, dilated, grouped and rectangular kernels all work (the thesis could not
     apply edge conv to dilated convolutions). With all region filters equal to `weight` the layer is exactly
@@ -49,10 +52,16 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
             # 4-d like any conv weight (so .to(memory_format=torch.channels_last) works): region i is rows
             # [i * out_channels, (i + 1) * out_channels).
             shape = (len(REGIONS) * out_channels, *self.weight.shape[1:])
-            self.region_weight = nn.Parameter(torch.empty(shape, device=self.weight.device, dtype=self.weight.dtype))
+            factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+            self.region_weight = nn.Parameter(torch.empty(shape, **factory))
+            if bias:  # eq. 3.1: every region has its own bias, region i at [i * out_channels, (i + 1) * out_channels)
+                self.region_bias = nn.Parameter(torch.empty(len(REGIONS) * out_channels, **factory))
+            else:
+                self.register_parameter("region_bias", None)
             self._reset_regions()
         else:  # without padding no window ever leaves the image: the layer is a plain conv
             self.register_parameter("region_weight", None)
+            self.register_parameter("region_bias", None)
         self._region_cache: SizeCache[list] = SizeCache()
 
     def reset_parameters(self) -> None:
@@ -61,19 +70,29 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
             self._reset_regions()
 
     def _reset_regions(self) -> None:
-        for i in range(len(REGIONS)):  # independent default init per region filter, as for any conv
+        # Independent default init per region filter and bias, exactly as nn.Conv2d.reset_parameters does for one.
+        for i in range(len(REGIONS)):
             nn.init.kaiming_uniform_(self.region_filter(i), a=math.sqrt(5))
+        if self.region_bias is not None:
+            fan_in = self.weight[0].numel()  # in_channels / groups * kernel area
+            bound = 1 / math.sqrt(fan_in) if fan_in else 0.0
+            nn.init.uniform_(self.region_bias, -bound, bound)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> Self:
-        """Same geometry as `conv`, every region filter a copy of its weight: exactly the same function.
+    def from_conv(cls, conv: nn.Conv2d, *, start: Literal["copy", "random"] = "copy") -> Self:
+        """Same geometry as `conv` and a copy of its weight and bias as the interior filter.
 
         Args:
             conv: the source convolution (zero padding); it is not modified.
+            start: "copy" (default): every region filter and region bias is a copy of `conv`'s, so the layer
+                computes exactly `conv(x)` until training moves them apart (the unified view, thesis section 3.4).
+                "random": each region filter and bias gets its own default init, as in a fresh conv.
 
         Returns:
-            A layer on `conv`'s device and dtype, in its train/eval mode, that computes `conv(x)` until training
-            moves the region filters apart.
+            A layer on `conv`'s device and dtype, in its train/eval mode.
+
+        Raises:
+            ValueError: `start` is neither "copy" nor "random".
 
         Example:
             >>> import torch
@@ -85,20 +104,36 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
             >>> x = torch.randn(2, 3, 10, 10)
             >>> torch.allclose(layer(x), conv(x), atol=1e-6)
             True
-            >>> layer.region_weight.shape  # the 8 border filters, stacked along the output channels
-            torch.Size([64, 3, 3, 3])
+            >>> layer.region_weight.shape, layer.region_bias.shape  # the 8 border regions, along the output channels
+            (torch.Size([64, 3, 3, 3]), torch.Size([64]))
+            >>> fresh = convs.EdgeConv2d.from_conv(conv, start="random")  # region filters of their own
+            >>> torch.equal(fresh.weight, conv.weight), torch.allclose(fresh(x), conv(x))
+            (True, False)
         """
+        check_start(start, cls.__name__)
+        # The constructor already gives every region filter and bias its own fresh init: "random" keeps it.
         layer = cls(**conv_kwargs(conv), device=conv.weight.device, dtype=conv.weight.dtype)
         copy_conv_params(conv, layer)
         if layer.region_weight is not None:
-            with torch.no_grad():
-                layer.region_weight.copy_(conv.weight.repeat(len(REGIONS), 1, 1, 1))
+            if start == "copy":
+                with torch.no_grad():
+                    layer.region_weight.copy_(conv.weight.repeat(len(REGIONS), 1, 1, 1))
+                    if layer.region_bias is not None:
+                        layer.region_bias.copy_(conv.bias.repeat(len(REGIONS)))
             layer.region_weight.requires_grad_(conv.weight.requires_grad)
+            if layer.region_bias is not None:
+                layer.region_bias.requires_grad_(conv.bias.requires_grad)
         return layer
 
     def region_filter(self, index: int) -> torch.Tensor:
         """The filter of region `REGIONS[index]`, shaped like `weight` (a view into `region_weight`)."""
         return self.region_weight.narrow(0, index * self.out_channels, self.out_channels)
+
+    def region_bias_of(self, index: int) -> torch.Tensor | None:
+        """The bias of region `REGIONS[index]`, shaped like `bias` (a view into `region_bias`); None without bias."""
+        if self.region_bias is None:
+            return None
+        return self.region_bias.narrow(0, index * self.out_channels, self.out_channels)
 
     def regions(self, height: int, width: int, *, cpu: bool = False) -> list[tuple]:
         """Border regions for an input size: (filter index, output box r0, r1, c0, c1, input window and padding,
@@ -130,10 +165,11 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
             return out
         # One split, not one narrow per region: the backward of split assembles a single gradient for region_weight.
         filters = self.region_weight.split(self.out_channels)
+        biases = [None] * len(REGIONS) if self.region_bias is None else self.region_bias.split(self.out_channels)
         boxes = self.regions(x.shape[-2], x.shape[-1], cpu=x.device.type == "cpu")
         for index, (r0, r1, c0, c1), (ilo, ihi, jlo, jhi, pl, pr, pt, pb), (k0, k1) in boxes:
             patch = F.pad(x[:, :, ilo:ihi, jlo:jhi], (pl, pr, pt, pb))
-            region = F.conv2d(patch, filters[index], self.bias, self.stride, 0, self.dilation, self.groups)
+            region = F.conv2d(patch, filters[index], biases[index], self.stride, 0, self.dilation, self.groups)
             # The interior conv's backward does not need its output, so overwriting the strips is autograd-safe.
             out[:, :, r0:r1, c0:c1] = region[..., k0:k1]
         return out

@@ -12,7 +12,7 @@ from torch import nn
 
 from .geometry import check_padding_mode, conv_kwargs
 from .masks import active_flow, check_mask
-from .policy import ConvReplacement, ConvSite
+from .policy import ConvReplacement, ConvSite, check_start
 
 NORM_PLACEMENTS = ("outside", "inside")
 
@@ -47,7 +47,9 @@ class GatedConv2d(ConvReplacement, nn.Conv2d):
     norm="outside" (the default, thesis eq. 3.12): the layer returns `act(feature) * sigmoid(gate)` with `act`
     the identity, and the model's own BatchNorm and activation follow as before: `act(BN(feature * gate))`.
     norm="inside" (thesis eq. 3.11): the layer owns the normalisation and activation,
-    `act(BN(feature)) * sigmoid(gate)`; `convert` moves the BatchNorm that follows the conv into the layer.
+    `act(BN(feature)) * sigmoid(gate)`; `convert` moves the BatchNorm that follows the conv into the layer, and
+    makes `act` the activation the model applies right after that BatchNorm (ReLU, or the identity where the
+    BatchNorm's output feeds a residual addition), so a converted model computes its source's function.
 
     With `mask_channel=True` (default: the class's MASK_EVERY_LAYER) the layer takes the validity mask as one
     extra input channel (DeepFill v2): a ones channel when called without a mask, so the zero padding around it
@@ -135,13 +137,17 @@ class GatedConv2d(ConvReplacement, nn.Conv2d):
         mask_channel: bool | None = None,
         bn: nn.BatchNorm2d | None = None,
         open_logit: float = 3.0,
+        start: Literal["copy", "random"] = "copy",
     ) -> Self:
-        """A layer that computes exactly what `conv` computed (and `bn`, for norm="inside").
+        """A layer that computes exactly what `conv` computed (and `bn`, for norm="inside"), or a fresh gate.
 
-        The gate starts input-independent and open at sigmoid(open_logit) (0.95 by default: open, yet with a
-        healthy gradient); the feature half is scaled by 1 / sigmoid(open_logit) so that the product equals the
-        source conv (for "inside", the BatchNorm's affine part is scaled instead, exact for ReLU-like
+        start="copy": the gate starts input-independent and open at sigmoid(open_logit) (0.95 by default: open,
+        yet with a healthy gradient); the feature half is scaled by 1 / sigmoid(open_logit) so that the product
+        equals the source conv (for "inside", the BatchNorm's affine part is scaled instead, exact for ReLU-like
         activations, which are positively homogeneous). Other branches and mask-channel weights start at zero.
+        start="random": the feature half (and `bn`) keep the source's values unscaled; gate, shift and
+        mask-channel weights get a fresh layer's default (kaiming) init and their biases zero, as in a new layer
+        (gate at sigmoid(0) = 0.5 on average); `open_logit` is not used.
 
         Args:
             conv: the source convolution (zero padding); it is not modified.
@@ -152,11 +158,15 @@ class GatedConv2d(ConvReplacement, nn.Conv2d):
                 MASK_EVERY_LAYER).
             bn: for norm="inside", the BatchNorm2d (affine) that followed `conv`; a scaled copy moves into the
                 layer. None: no normalisation.
-            open_logit: the gate's starting logit.
+            open_logit: the gate's starting logit (start="copy" only).
+            start: "copy" (default, the source's exact function) or "random" (fresh gate, see above).
 
         Returns:
             A layer on `conv`'s device and dtype, in its train/eval mode, that computes `conv(x)` (norm="outside")
-            or `activation(bn(conv(x)))` (norm="inside").
+            or `activation(bn(conv(x)))` (norm="inside") with start="copy".
+
+        Raises:
+            ValueError: an unknown `norm` or `start`; a `bn` without affine parameters.
 
         Example:
             >>> import torch
@@ -173,7 +183,11 @@ class GatedConv2d(ConvReplacement, nn.Conv2d):
             True
             >>> convs.AffineGatedConv2d.from_conv(conv)(x).shape  # the affine variant starts from conv too
             torch.Size([2, 8, 10, 10])
+            >>> fresh = convs.GatedConv2d.from_conv(conv, start="random")  # feature = conv's weight, a fresh gate
+            >>> torch.equal(fresh.weight, conv.weight), bool(fresh.gate_weight.abs().sum() > 0)
+            (True, True)
         """
+        check_start(start, cls.__name__)
         layer = cls(
             **conv_kwargs(conv),
             device=conv.weight.device,
@@ -182,6 +196,16 @@ class GatedConv2d(ConvReplacement, nn.Conv2d):
             activation=activation,
             mask_channel=mask_channel,
         )
+        if start == "random":
+            # The constructor gave gate, shift and mask channel a fresh layer's init; the feature half is the source's.
+            with torch.no_grad():
+                layer.weight.copy_(conv.weight)
+                if conv.bias is not None:
+                    layer.bias.copy_(conv.bias)
+            if norm == "inside":
+                layer.bn = _scaled_copy(bn, 1.0) if bn is not None else nn.Identity()
+            layer.train(conv.training)
+            return layer
         scale = 1.0 / torch.sigmoid(torch.tensor(open_logit, dtype=torch.float64)).item()
         feature_scale = scale if norm == "outside" or bn is None else 1.0
         with torch.no_grad():
@@ -206,17 +230,24 @@ class GatedConv2d(ConvReplacement, nn.Conv2d):
         *,
         mask_channel: bool = True,
         norm: Literal["outside", "inside"] = "outside",
+        activation: nn.Module | None = None,
         **options,
     ) -> dict[nn.Module, nn.Module]:
         """`convert`'s policy for gated layers: the mask channel where it belongs, and BatchNorm absorption.
 
         Args:
-            site: the conv to replace, whether it is the first one of the `convert` call, and the module after it.
+            site: the conv to replace, whether it is the first one of the `convert` call, the module after it and
+                the activation the model applies after that module when it is the conv's BatchNorm.
             mask_channel: False gives no layer the mask channel; True (default) gives it to the first converted
                 conv only, or to every one for a MASK_EVERY_LAYER class (affine).
             norm: with "inside", a BatchNorm2d registered right after the conv (same parent, as many features as
                 the conv has output channels) moves into the layer, and an nn.Identity takes its place.
-            **options: the other `from_conv` options (activation, open_logit).
+            activation: the activation inside the layer for norm="inside". None (default): the model's own,
+                `site.activation_after_bn` (ReLU where the BatchNorm's only user is a ReLU, the identity where it
+                feeds an addition); the identity where no BatchNorm is absorbed or the site does not say. The
+                model's own activation stays in place: relu(relu(x) * s) = relu(x) * s for a gate s > 0, so the
+                converted model computes the source's function either way.
+            **options: the other `from_conv` options (open_logit, start).
 
         Returns:
             {conv: gated layer}, plus {batch norm: nn.Identity()} when one was absorbed.
@@ -225,22 +256,35 @@ class GatedConv2d(ConvReplacement, nn.Conv2d):
             >>> from torch import nn
             >>> import convs
             >>> conv, bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-            >>> site = convs.ConvSite("0", conv, following=bn, first=True)
+            >>> site = convs.ConvSite("0", conv, following=bn, first=True, activation_after_bn=nn.ReLU())
             >>> changes = convs.GatedConv2d.replacements(site, norm="inside")
             >>> [type(new).__name__ for new in changes.values()]
             ['GatedConv2d', 'Identity']
             >>> changes[conv].mask_channel, changes[conv].bn is not bn  # the first layer; bn is a scaled copy
             (True, True)
+            >>> changes[conv].act  # the model applied a ReLU after bn
+            ReLU()
         """
         bn = site.following if norm == "inside" and _absorbable(site.following, site.conv) else None
+        if norm == "inside" and activation is None:
+            # eq. 3.11 holds the activation the source applies right after this BatchNorm, and no other: the identity
+            # is exact whatever follows, so it is also the answer where the site does not say.
+            known = bn is not None and site.activation_after_bn is not None
+            activation = copy.deepcopy(site.activation_after_bn) if known else nn.Identity()
         layer = cls.from_conv(
             site.conv,
             norm=norm,
+            activation=activation,
             mask_channel=bool(mask_channel) and (site.first or cls.MASK_EVERY_LAYER),
             bn=bn,
             **options,
         )
         return {site.conv: layer} if bn is None else {site.conv: layer, bn: nn.Identity()}
+
+    @classmethod
+    def needs_activation_after_bn(cls, **options) -> bool:
+        """True for norm="inside" without an explicit `activation`: the layer takes the model's own (see above)."""
+        return options.get("norm") == "inside" and options.get("activation") is None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", norm={self.norm!r}" + (", mask_channel=True" if self.mask_channel else "")

@@ -8,6 +8,19 @@ from typing import ClassVar
 
 from torch import nn
 
+# How `from_conv` starts the filters a variant adds: "copy" reproduces the source conv's function exactly (edge:
+# region filters copied; gated: gate open, feature scaled), "random" gives them a fresh layer's default init.
+STARTS = ("copy", "random")
+
+
+def check_start(start: str, owner: str) -> None:
+    """Raise unless `start` is one of `STARTS`."""
+    if start not in STARTS:
+        raise ValueError(
+            f"Invalid start {start!r} for {owner}.from_conv. Only 'copy' (the source conv's exact function, the "
+            "default) and 'random' (the added filters freshly initialised, as in a new layer) are supported."
+        )
+
 
 @dataclass(frozen=True)
 class ConvSite:
@@ -17,6 +30,11 @@ class ConvSite:
     conv: nn.Conv2d
     following: nn.Module | None = None  # the module registered right after `conv` in the same parent, if any
     first: bool = False  # True for the first conv that this `convert` call replaces (registration order)
+    # What the model's forward applies to the output of the BatchNorm `following` (if `following` is the BatchNorm
+    # that takes the conv's output): nn.ReLU() when its only user is a ReLU, else nn.Identity() (an addition, or
+    # anything else). None: not looked up; `convert` looks it up (torch.fx) only for a policy whose
+    # `needs_activation_after_bn(**options)` says so.
+    activation_after_bn: nn.Module | None = None
 
 
 class ConvReplacement:
@@ -35,6 +53,18 @@ class ConvReplacement:
         """Options that `convert(model, variant, **options)` accepts: those of `from_conv`, less the site's."""
         parameters = inspect.signature(cls.from_conv).parameters
         return [name for name in parameters if name != "conv" and name not in cls.SITE_ARGUMENTS]
+
+    @classmethod
+    def needs_activation_after_bn(cls, **options) -> bool:
+        """Whether `replacements` reads `site.activation_after_bn` under these options (then `convert` traces).
+
+        Args:
+            **options: the user's `convert` options, already checked against `convert_options()`.
+
+        Returns:
+            False here; GatedConv2d: True for norm="inside" without an explicit activation.
+        """
+        return False
 
     @classmethod
     def replacements(cls, site: ConvSite, **options) -> dict[nn.Module, nn.Module]:

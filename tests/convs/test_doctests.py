@@ -15,10 +15,12 @@ DOCUMENTED = {
     "convs.edge.EdgeConv2d.from_conv",
     "convs.gated.GatedConv2d.from_conv",
     "convs.gated.GatedConv2d.replacements",
+    "convs.graph.relu_after_bn",
     "convs.masked.Masked",
     "convs.masked.Masked.forward",
     "convs.partial.PartialConv2d.from_conv",
     "convs.policy.ConvReplacement.replacements",
+    "convs.spec.parse_variant",
     "convs.surgery.convert",
 }
 

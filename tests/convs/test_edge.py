@@ -34,8 +34,12 @@ def touches(layer, h, w, side):
 
 
 def reference(layer, x):
+    """Eq. 3.1: each region's output is its own filter and its own bias (the interior: `weight` and `bias`)."""
     h, w = x.shape[-2:]
-    conv = lambda weight: F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)  # noqa: E731
+
+    def conv(weight, bias=layer.bias):
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
     out = conv(layer.weight)
     if layer.region_weight is None:
         return out
@@ -47,7 +51,7 @@ def reference(layer, x):
     for index, name in enumerate(REGIONS):
         v = next((k for k in ("top", "bottom") if name.startswith(k)), "")
         hz = next((k for k in ("left", "right") if name.endswith(k)), "")
-        result = result + conv(layer.region_filter(index)) * (vertical[v] & horizontal[hz])
+        result = result + conv(layer.region_filter(index), layer.region_bias_of(index)) * (vertical[v] & horizontal[hz])
     return result
 
 
@@ -70,6 +74,7 @@ def test_unified_view_equal_filters_is_conv(geometry):
     if layer.region_weight is not None:
         with torch.no_grad():
             layer.region_weight.copy_(layer.weight.repeat(len(REGIONS), 1, 1, 1))
+            layer.region_bias.copy_(layer.bias.repeat(len(REGIONS)))  # eq. 3.1: the regions' biases too
     x = torch.randn(SHAPE[0], geometry["in_channels"], *SHAPE[1:])
     plain = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
     torch.testing.assert_close(layer(x), plain, rtol=1e-5, atol=1e-5)
@@ -118,3 +123,50 @@ def test_one_column_strips_of_strided_layers_are_computed_wider_on_cpu():
         computed = (jhi - jlo + pl + pr - 3) // 2 + 1  # output columns of the strip's convolution
         assert computed == (2 if c1 - c0 == 1 else c1 - c0)
     assert all(k == (0, c1 - c0) for _, (_, _, c0, c1), _, k in layer.regions(32, 32, cpu=False))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_conv_copy_is_the_source_function(geometry, bias):
+    conv = torch.nn.Conv2d(**geometry, bias=bias)
+    layer = EdgeConv2d.from_conv(conv)
+    x = torch.randn(SHAPE[0], geometry["in_channels"], *SHAPE[1:])
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+    if layer.region_weight is not None:
+        assert (layer.region_bias is not None) == bias
+        if bias:  # eq. 3.1: one bias per region, each a copy of the conv's at the start
+            assert layer.region_bias.shape == (len(REGIONS) * conv.out_channels,)
+            for i in range(len(REGIONS)):
+                torch.testing.assert_close(layer.region_bias_of(i), conv.bias, rtol=0, atol=0)
+
+
+def test_region_bias_is_used_only_in_its_region():
+    layer = EdgeConv2d.from_conv(torch.nn.Conv2d(1, 1, 3, padding=1))
+    x = torch.randn(1, 1, 5, 6)
+    before = layer(x)
+    with torch.no_grad():
+        layer.region_bias_of(REGIONS.index("top"))[0] += 1.0
+    diff = layer(x) - before
+    expected = torch.zeros(1, 1, 5, 6)
+    expected[..., 0, 1:-1] = 1.0  # the top edge without its corners
+    torch.testing.assert_close(diff, expected)
+
+
+def test_from_conv_random_gives_each_region_a_fresh_filter(geometry):
+    conv = torch.nn.Conv2d(**geometry)
+    layer = EdgeConv2d.from_conv(conv, start="random")
+    assert torch.equal(layer.weight, conv.weight) and torch.equal(layer.bias, conv.bias)  # the interior is the source
+    if layer.region_weight is None:
+        return
+    filters = [layer.region_filter(i) for i in range(len(REGIONS))]
+    biases = [layer.region_bias_of(i) for i in range(len(REGIONS))]
+    for i in range(len(REGIONS)):
+        assert not torch.allclose(filters[i], conv.weight) and not torch.allclose(biases[i], conv.bias)
+        for j in range(i):
+            assert not torch.allclose(filters[i], filters[j]) and not torch.allclose(biases[i], biases[j])
+    bound = 1 / conv.weight[0].numel() ** 0.5  # a fresh conv's init range
+    assert layer.region_weight.abs().max() <= bound and layer.region_bias.abs().max() <= bound
+
+
+def test_from_conv_rejects_an_unknown_start():
+    with pytest.raises(ValueError, match=r"Invalid start 'fresh' for EdgeConv2d.from_conv. Only 'copy'.*'random'"):
+        EdgeConv2d.from_conv(torch.nn.Conv2d(3, 3, 3, padding=1), start="fresh")

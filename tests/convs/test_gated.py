@@ -1,10 +1,13 @@
 """GatedConv2d and AffineGatedConv2d: the two normalisation placements, the mask channel, the unified view."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import convs
 from convs import AffineGatedConv2d, GatedConv2d
 
 GATED = [GatedConv2d, AffineGatedConv2d]
@@ -114,3 +117,46 @@ def test_gradients_match_plain_autograd(norm, groups, cls):
     ):
         torch.testing.assert_close(g, g_ref)
     torch.autograd.gradcheck(lambda t: layer(t), (x[:1, :, :4, :5].detach().requires_grad_(),))
+
+
+@pytest.mark.parametrize("cls", GATED)
+@pytest.mark.parametrize("norm", ["outside", "inside"])
+def test_from_conv_random_keeps_the_feature_and_starts_a_fresh_gate(cls, norm):
+    conv, bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+    layer = cls.from_conv(conv, norm=norm, bn=bn, mask_channel=True, start="random")
+    assert torch.equal(layer.weight, conv.weight) and torch.equal(layer.bias, conv.bias)  # unscaled
+    if norm == "inside":
+        assert layer.bn is not bn and torch.equal(layer.bn.weight, bn.weight) and torch.equal(layer.bn.bias, bn.bias)
+    bound = 1 / conv.weight[0].numel() ** 0.5  # kaiming_uniform(a=sqrt(5)), a fresh conv's range
+    for branch in cls.BRANCHES[1:]:
+        weight = getattr(layer, f"{branch}_weight")
+        assert weight.abs().max() <= bound and not torch.allclose(weight, conv.weight)
+        for i in range(1, conv.out_channels):  # each filter its own init
+            assert not torch.allclose(weight[i], weight[0])
+    assert layer.mask_weight.abs().min() > 0  # no longer zero: the mask channel has a say from the start
+    assert all(torch.equal(getattr(layer, f"{b}_bias"), torch.zeros(8)) for b in cls.BRANCHES[1:])  # as a fresh layer
+    x = torch.randn(2, 3, 9, 9)
+    assert not torch.allclose(layer.eval()(x), cls.from_conv(conv, norm=norm, bn=bn).eval()(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("cls", GATED)
+def test_from_conv_rejects_an_unknown_start(cls):
+    with pytest.raises(ValueError, match=rf"Invalid start 'zeros' for {cls.__name__}.from_conv"):
+        cls.from_conv(nn.Conv2d(3, 4, 3, padding=1), start="zeros")
+
+
+@pytest.mark.parametrize("variant", ["gated", "affine", "edge"])
+def test_convert_start_random_against_copy(variant):
+    """start=copy keeps the source's function through convert; start=random does not (fresh filters)."""
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    x = torch.randn(2, 3, 10, 10)
+    expected = source(x)
+    copied, fresh = copy.deepcopy(source), copy.deepcopy(source)
+    convs.convert(copied, f"{variant}:start=copy")
+    convs.convert(fresh, variant, start="random")
+    torch.testing.assert_close(copied(x), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fresh(x), expected, atol=1e-3)
+    assert torch.equal(fresh[2].weight, source[2].weight)

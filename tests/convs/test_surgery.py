@@ -183,11 +183,13 @@ def test_gated_inside_absorbs_only_a_matching_batchnorm_right_after():
 
 
 def test_bn_is_not_a_user_option():
-    accepted = r"\['norm', 'activation', 'mask_channel', 'open_logit'\]"
+    accepted = r"\['norm', 'activation', 'mask_channel', 'open_logit', 'start'\]"
     with pytest.raises(TypeError, match=rf"unknown option\(s\) \['bn'\]; gated accepts {accepted}"):
         convs.convert(tvm.resnet18(), "gated", bn=nn.BatchNorm2d(64))
-    assert convs.get("affine").convert_options() == ["norm", "activation", "mask_channel", "open_logit"]
-    assert convs.get("edge").convert_options() == [] and convs.get("partial").convert_options() == ["multi_channel"]
+    assert convs.get("affine").convert_options() == ["norm", "activation", "mask_channel", "open_logit", "start"]
+    assert convs.get("edge").convert_options() == ["start"] and convs.get("partial").convert_options() == [
+        "multi_channel"
+    ]
 
 
 class ReluFreeEdgeConv2d(convs.EdgeConv2d):
