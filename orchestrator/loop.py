@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import logging
+import math
 import os
 import random
 import statistics
@@ -87,7 +88,7 @@ def prepare(cfg: TrialConfig) -> tuple[Task, Preset, Path]:
     if cfg.preset not in task.presets:
         raise ValueError(f"Unknown preset {cfg.preset!r} for {cfg.task}. Known presets: {', '.join(task.presets)}.")
     preset = task.presets[cfg.preset].updated(**cfg.overrides)
-    if cfg.variant not in task.variants:
+    if convs.parse_variant(cfg.variant).base not in task.variants:  # a spec: a name, NAME:OPTIONS or an alias
         raise ValueError(f"Task {cfg.task} does not support variant {cfg.variant!r}; it supports {task.variants}.")
     if cfg.data_root:
         root = Path(cfg.data_root)
@@ -95,6 +96,16 @@ def prepare(cfg: TrialConfig) -> tuple[Task, Preset, Path]:
     else:
         root = ensure_synthetic(task, preset, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
     return task, preset, root
+
+
+def variant_options(cfg: TrialConfig, preset: Preset) -> dict[str, Any]:
+    """The trial's `convs.convert` options, plus `start=preset.variant_start` where the variant accepts a start
+    and neither the trial's options nor its spec (`edge:start=copy`) set one."""
+    options = dict(cfg.variant_options)
+    accepted = getattr(convs.get(cfg.variant), "convert_options", None)  # nn.Conv2d (zero) has none
+    if accepted is not None and "start" in accepted() and "start" not in convs.parse_variant(cfg.variant).options:
+        options.setdefault("start", preset.variant_start)
+    return options
 
 
 def train_one_epoch(
@@ -105,19 +116,27 @@ def train_one_epoch(
     device: torch.device,
     preset: Preset,
     epoch: int,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
-    """One pass over the (sharded) training loader; returns the mean loss over this worker's batches."""
+    """One pass over the (sharded) training loader; returns the mean loss over this worker's batches.
+
+    Runs in `preset.amp` precision; `scaler` scales the loss for fp16 (a disabled scaler, or None, changes nothing).
+    """
     model.train()
+    if scaler is None:
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)  # a different, seeded order every epoch
     total, count = 0.0, 0
     for images, targets in itertools.islice(loader, preset.max_batches):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with autocast(device):
+        with autocast(device, preset.amp):
             loss = task.loss(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         total += loss.item()
         count += 1
     return total / max(count, 1)
@@ -155,13 +174,25 @@ def log_missing_epochs(tracker: Tracker, history: list[dict[str, float]], task: 
             tracker.log_epoch({**entry, **summarize(history[: i + 1], task.table_metrics)}, int(entry["epoch"]))
 
 
+def best_epoch(history: list[dict[str, float]], metric: str) -> int:
+    """The index in `history` of the best `metric` (the earliest on ties; a NaN never wins)."""
+    values = [h[metric] for h in history]
+    return max(range(len(values)), key=lambda i: -math.inf if math.isnan(values[i]) else values[i])
+
+
 def summarize(history: list[dict[str, float]], metrics: tuple[str, ...]) -> dict[str, float]:
-    """The thesis' two per-run numbers for each metric: best value over all epochs, and mean of the last 5 epochs."""
+    """The thesis' two per-run numbers for each metric: its value at the best epoch, and its mean of the last 5.
+
+    The best epoch is the one of the headline `metrics[0]` for every metric: one model per run, evaluated in
+    each mode (thesis table 4.4: whole image, tiles, overlapping tiles of the same model), not each mode's own
+    maximum over epochs.
+    """
+    best = history[best_epoch(history, metrics[0])]
     summary = {}
     for metric in metrics:
-        values = [h[metric] for h in history]
         name = metric.split("/", 1)[-1]
-        summary.update({f"best/{name}": max(values), f"last5/{name}": statistics.fmean(values[-5:])})
+        summary[f"best/{name}"] = best[metric]
+        summary[f"last5/{name}"] = statistics.fmean(h[metric] for h in history[-5:])
     return summary
 
 
@@ -195,11 +226,12 @@ def train(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(cfg.seed)
     task, preset, root = prepare(cfg)
+    autocast(device, preset.amp)  # refuses amp="fp16" on a CPU now, before any data is read
     train_loader, val_loader = task.build_loaders(
         root, preset, rank=rank, world_size=world_size, seed=cfg.seed, workers=cfg.loader_workers
     )
     model = task.build_model(preset, num_classes=task.num_classes(root))
-    convs.convert(model, cfg.variant, **cfg.variant_options)
+    convs.convert(model, cfg.variant, **variant_options(cfg, preset))
     if preset.sync_bn and world_size > 1 and device.type == "cuda":  # PyTorch's SyncBatchNorm runs on GPUs only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -208,12 +240,15 @@ def train(
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(model, preset)
     scheduler = build_scheduler(optimizer, preset)
+    scaler = torch.amp.GradScaler(device.type, enabled=preset.amp == "fp16")  # fp16 underflows unscaled
     history: list[dict[str, float]] = []
     start = 0
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        if resume.get("scaler"):  # absent from older checkpoints, empty when the scaler is off
+            scaler.load_state_dict(resume["scaler"])
         history, start = resume["history"], resume["epoch"] + 1
         random.setstate(resume["rng"]["python"])
         np.random.set_state(resume["rng"]["numpy"])
@@ -225,12 +260,12 @@ def train(
     best_value = max((h[task.metric] for h in history), default=float("-inf"))
     if rank == 0 and tracker is not None and history:
         log_missing_epochs(tracker, history, task)
-    images_per_epoch = train_batches(train_loader, preset) * preset.batch_size * world_size  # drop_last: full batches
+    images_per_epoch = train_batches(train_loader, preset) * preset.batch_size  # global batches; drop_last: all full
     loop_start = time.perf_counter()
     try:
         for epoch in range(start, preset.epochs):
             epoch_start = time.perf_counter()
-            loss = train_one_epoch(net, task, train_loader, optimizer, device, preset, epoch)
+            loss = train_one_epoch(net, task, train_loader, optimizer, device, preset, epoch, scaler=scaler)
             train_s = time.perf_counter() - epoch_start
             scheduler.step()
             if world_size > 1:
@@ -261,6 +296,7 @@ def train(
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
                         "epoch": epoch,
                         "history": history,
                         "rng": {

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 class TrialResult:
     variant: str
     seed: int
-    metrics: dict[str, float]  # e.g. {"best/top1": 76.2, "last5/top1": 75.9}
+    metrics: dict[str, float]  # e.g. {"best/top1": 76.2, "last5/top1": 75.9}; best/* at the headline's best epoch
     status: str = "ok"  # ok | failed | interrupted: such a trial stays in the table, never silently dropped
 
 
 def columns(table_metrics: tuple[str, ...]) -> list[str]:
-    """The closing table's columns: the best epoch of every table metric, then the last-5 mean of the headline."""
+    """The closing table's columns: every table metric at the headline's best epoch, then the headline's last-5 mean."""
     names = [m.split("/", 1)[-1] for m in table_metrics]
     return [*(f"best/{n}" for n in names), f"last5/{names[0]}"]
 

@@ -25,7 +25,7 @@ class Task(Protocol):
     presets: ClassVar[dict[str, Preset]]
     variants: ClassVar[tuple[str, ...]]  # conv variants this task supports
     metric: ClassVar[str]  # the headline metric key, e.g. "val/top1" (higher is better)
-    table_metrics: ClassVar[tuple[str, ...]]  # per-epoch metrics summarized per run (best, last-5), headline first
+    table_metrics: ClassVar[tuple[str, ...]]  # summarized per run at the headline's best epoch and last-5; headline 1st
     layout: ClassVar[str]  # the expected on-disk layout, shown when a data root does not match
 
     def check_layout(self, root: Path) -> None:

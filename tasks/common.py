@@ -10,17 +10,36 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from .preset import PresetError
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 T = TypeVar("T")
 
 
-def autocast(device: torch.device) -> torch.autocast:
-    """bf16 mixed precision on GPUs, full precision elsewhere: the one setting of training, evaluation and benchmarks.
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # a preset's `amp` -> autocast dtype (None: fp32)
 
-    CPUs run bf16 convolutions slower than fp32, and the thesis' numbers come from GPUs, so CPUs stay in fp32.
+
+def autocast(device: torch.device, amp: str | None) -> torch.autocast:
+    """Mixed precision as a preset asks (`preset.amp`): the one setting of training, evaluation and benchmarks.
+
+    None runs in full precision, as the thesis trained; "bf16" autocasts on GPUs and CPUs alike; "fp16" only on
+    GPUs (the loop scales the loss for it). A CPU is refused fp16: CPU autocast has few fp16 kernels and
+    PyTorch trains there in bf16 or fp32, so asking for it is a mistake to report, not to remap silently.
     """
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if amp is not None and amp not in AMP_DTYPES:
+        raise PresetError(
+            f"Invalid preset value amp={amp!r}: expected None (fp32) or one of {', '.join(AMP_DTYPES)} "
+            '(e.g. amp="bf16").'
+        )
+    if amp == "fp16" and device.type == "cpu":
+        raise PresetError(
+            "Invalid preset value amp='fp16' on a CPU: CPUs train in bf16 or fp32 only; "
+            'use amp="bf16" there, or amp=None for fp32 (the thesis\' precision).'
+        )
+    if amp is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=True)
 
 
 def log_progress(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .preset import Preset
+from .preset import Preset, PresetError
 
 if TYPE_CHECKING:
     from .base import Task
@@ -40,17 +40,29 @@ def sharded_loaders(
     train: Dataset, val: Dataset, preset: Preset, *, rank: int, world_size: int, seed: int, workers: int, where: str
 ) -> tuple[DataLoader, DataLoader]:
     """Train loader sharded over the Ray Train workers (seeded order, a new one every epoch); the whole validation
-    split on every worker. `where` names the training images in the error for a split smaller than one batch."""
+    split on every worker. `where` names the training images in the error for a split smaller than one batch.
+
+    `preset.batch_size` is the global batch, as the thesis gives it: each of the `world_size` workers loads
+    `batch_size // world_size` images per step, and a batch that does not split evenly is refused (PresetError).
+    The validation batch is `preset.eval_batch_size`, else the per-worker training batch (rank 0 evaluates alone).
+    """
+    if preset.batch_size % world_size:
+        raise PresetError(
+            f"batch_size={preset.batch_size} is the global batch of all Ray Train workers and does not split "
+            f"evenly across {world_size} workers; set batch_size to a multiple of {world_size} or run a number of "
+            f"workers per trial that divides {preset.batch_size}"
+        )
+    per_worker = preset.batch_size // world_size
     sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     common = dict(num_workers=workers, worker_init_fn=_seed_worker, generator=generator, pin_memory=False)
-    train_loader = DataLoader(train, batch_size=preset.batch_size, sampler=sampler, drop_last=True, **common)
+    train_loader = DataLoader(train, batch_size=per_worker, sampler=sampler, drop_last=True, **common)
     if len(train_loader) == 0:
         raise LayoutError(
-            f"{where} holds {len(train)} images, fewer than one batch of {preset.batch_size} per worker "
-            f"x {world_size} workers"
+            f"{where} holds {len(train)} images, fewer than one batch of {per_worker} per worker x {world_size} "
+            f"workers (global batch_size={preset.batch_size})"
         )
-    val_loader = DataLoader(val, batch_size=preset.eval_batch_size or preset.batch_size, shuffle=False, **common)
+    val_loader = DataLoader(val, batch_size=preset.eval_batch_size or per_worker, shuffle=False, **common)
     return train_loader, val_loader
 
 

@@ -85,14 +85,18 @@ class Interval:
 
 @dataclass(frozen=True)
 class Choice:
-    """One of a fixed set of names."""
+    """One of a fixed set of names (or None, when `optional`)."""
 
     choices: tuple[str, ...]
+    optional: bool = False  # None allowed, meaning "off"
     example: str = ""
 
-    def __call__(self, name: str, value: Any) -> str:
-        if value not in self.choices:
-            raise _invalid(name, value, f"one of {', '.join(self.choices)}", self.example)
+    def __call__(self, name: str, value: Any) -> str | None:
+        if value is None and self.optional:
+            return None
+        if not isinstance(value, str) or value not in self.choices:
+            expected = f"one of {', '.join(self.choices)}"
+            raise _invalid(name, value, f"None or {expected}" if self.optional else expected, self.example)
         return value
 
 
@@ -107,6 +111,21 @@ class Text:
         if not isinstance(value, str) or not value.strip():
             raise _invalid(name, value, self.what, self.example)
         return value
+
+
+@dataclass(frozen=True)
+class Texts:
+    """A non-empty tuple of distinct non-empty strings (a list is taken as a tuple; a lone string is refused)."""
+
+    what: str = "a non-empty tuple of distinct non-empty strings"
+    example: str = ""
+
+    def __call__(self, name: str, value: Any) -> tuple[str, ...]:
+        ok = isinstance(value, tuple | list) and len(value) > 0
+        ok = ok and all(isinstance(v, str) and v.strip() for v in value) and len(set(value)) == len(value)
+        if not ok:
+            raise _invalid(name, value, self.what, self.example)
+        return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -143,7 +162,7 @@ class Preset:
 
     model: str  # torchvision builder name, e.g. "resnet50"
     epochs: int  # full passes over the training split
-    batch_size: int  # per Ray Train worker (the thesis' total batch is batch_size x workers)
+    batch_size: int  # global: split evenly across a trial's Ray Train workers (the thesis' 64, and 16 = 8 GPUs x 2)
     lr: float  # peak learning rate
     optimizer: str = "sgd"  # sgd | adam
     momentum: float = 0.9  # SGD momentum (Adam: beta1)
@@ -154,8 +173,11 @@ class Preset:
     poly_power: float = 1.0
     image_size: int = 224  # training crop side in pixels
     max_batches: int | None = None  # cap on batches per epoch and per evaluation (smoke tests)
-    eval_batch_size: int | None = None  # validation batch size (None: batch_size)
+    eval_batch_size: int | None = None  # validation batch size on rank 0 (None: the per-worker training batch)
     sync_bn: bool = False  # synchronized BatchNorm across the Ray Train workers (used on GPUs)
+    amp: str | None = None  # mixed precision: None = fp32 (the thesis), "bf16", or "fp16" (GPUs, with loss scaling)
+    variants: tuple[str, ...] = ("zero", "partial", "gated", "edge", "affine")  # specs a sweep runs by default
+    variant_start: str = "copy"  # how converted layers' new filters start, where a variant asks: copy | random
     model_options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the task's model
     synthetic: dict[str, Any] = field(default_factory=dict)  # size of the generated stand-in dataset
 
@@ -176,6 +198,10 @@ class Preset:
         "max_batches": Integer(1, optional=True, example="max_batches=8, or None for whole epochs"),
         "eval_batch_size": Integer(1, optional=True, example="eval_batch_size=8, or None for batch_size"),
         "sync_bn": Flag(example="sync_bn=True"),
+        "amp": Choice(("bf16", "fp16"), optional=True, example='amp="bf16", or None for fp32'),
+        # names only: the sweep checks each spec against convs (tasks never import convs)
+        "variants": Texts("a non-empty tuple of distinct variant specs", example='variants=("zero", "partial")'),
+        "variant_start": Choice(("copy", "random"), example='variant_start="random"'),
         "model_options": Options(example='model_options={"output_stride": 16}'),
         "synthetic": Options(example='synthetic={"size": 64}'),
     }

@@ -36,7 +36,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, preset:
     count = min(len(loader), preset.max_batches or len(loader))
     for images, targets in log_progress(batches, total=count, what="evaluation batches", logger=logger):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with autocast(device):
+        with autocast(device, preset.amp):
             logits = model(images)
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()

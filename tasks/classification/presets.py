@@ -37,11 +37,24 @@ _CPU = ClassificationPreset(
     eval_size=48,
     crop_scale=(0.7, 1.0),
     synthetic={"train_per_class": 96, "val_per_class": 24, "size": 56},
+    variants=("zero", "partial", "gated", "edge", "affine"),
+    variant_start="random",  # trained from scratch: a converted layer's new filters start random
 )
 
 PRESETS: dict[str, ClassificationPreset] = {
-    # NVIDIA/partialconv main.py and the thesis (batch 64): 100 epochs, SGD 0.1, x0.1 every 30 epochs.
-    "thesis": ClassificationPreset(model="resnet50", epochs=100, batch_size=64, lr=0.1, step_size=30, gamma=0.1),
+    # NVIDIA/partialconv main.py and the thesis (global batch 64, fp32): 100 epochs, SGD 0.1, x0.1 every 30 epochs.
+    # The thesis' arms (tables 4.1, 4.2: gated is eq. 3.11, the BatchNorm inside) plus this project's affine.
+    "thesis": ClassificationPreset(
+        model="resnet50",
+        epochs=100,
+        batch_size=64,
+        lr=0.1,
+        step_size=30,
+        gamma=0.1,
+        amp=None,
+        variants=("zero", "partial", "gated:norm=inside", "edge", "edge_no7", "affine"),
+        variant_start="random",
+    ),
     "cpu": _CPU,
     # The cpu recipe at 32 px with a few batches per epoch: for tests and a first try.
     "smoke": _CPU.updated(
@@ -51,5 +64,8 @@ PRESETS: dict[str, ClassificationPreset] = {
         eval_size=32,
         max_batches=8,
         synthetic={"train_per_class": 32, "val_per_class": 16, "size": 36},
+        # A machinery check of a few epochs: new filters start as copies (the source's function), so that every
+        # variant learns within them; the comparison presets (cpu, thesis) start them random, as the thesis did.
+        variant_start="copy",
     ),
 }

@@ -6,6 +6,7 @@ from .data import (
     LAYOUT,
     PAD_FILL,
     TRAIN_CLASSES,
+    ClassUniformCrop,
     JointTransform,
     PadIfSmaller,
     RandomScale,
@@ -23,7 +24,7 @@ from .metrics import (
     predict_tiled,
     window_starts,
 )
-from .model import DeepLabV3Plus
+from .model import DeepLabV3Plus, build_backbone, dilate_basic_blocks
 from .presets import PRESETS, SegmentationPreset
 from .synthetic import street_scene, write_synthetic
 from .task import SegmentationTask
@@ -36,15 +37,18 @@ __all__ = [
     "PAD_FILL",
     "PRESETS",
     "TRAIN_CLASSES",
+    "ClassUniformCrop",
     "DeepLabV3Plus",
     "JointTransform",
     "PadIfSmaller",
     "RandomScale",
     "SegmentationPreset",
     "SegmentationTask",
+    "build_backbone",
     "build_dataset",
     "check_layout",
     "confusion_matrix",
+    "dilate_basic_blocks",
     "evaluate",
     "iou_per_class",
     "mean_iou",

@@ -41,7 +41,10 @@ LAYOUT = (
     "ROOT/gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png   (raw Cityscapes label ids)\n"
     "     e.g. ROOT/gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_labelIds.png"
 )
-PAD_FILL = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}  # 0 = the mean colour once normalised; 255 = ignored
+# Padding, applied before normalisation: the ImageNet mean colour (0 once normalised) and label 255 (ignored).
+PAD_FILL = {tv_tensors.Image: list(IMAGENET_MEAN), tv_tensors.Mask: IGNORE}
+BLUR_SIGMA = (0.15, 1.3)  # NVIDIA/semantic-segmentation's RandomGaussianBlur: sigma = 0.15 + U(0, 1) * 1.15
+BLUR_KERNEL = 11  # odd, covering 4 sigma either side at the largest sigma (skimage's truncate=4, which NVIDIA used)
 
 
 def to_train_ids(label_ids: torch.Tensor) -> torch.Tensor:
@@ -94,16 +97,79 @@ class PadIfSmaller(v2.Transform):
         return self._call_kernel(F.pad, inpt, params["padding"], fill=self.fill.get(type(inpt), 0))
 
 
-class JointTransform:
-    """Image + raw labelIds PIL pair -> normalized tensor (3, H, W) and train-id tensor (H, W); in training, a
-    random scale, crop and horizontal flip applied to both alike (torchvision transforms v2 on Image + Mask).
+class ClassUniformCrop(v2.Transform):
+    """A `size` (height, width) crop that, with probability `class_uniform`, is centred on a pixel of a class drawn
+    uniformly from the classes in the label map (255 excluded), moved inside the image where it would cross the
+    border; otherwise a uniformly random window, as `v2.RandomCrop`. Needs the inputs to be at least `size`.
 
-    The crop is `crop` pixels square, clipped to the unscaled image, so a small synthetic image trains whole; a
-    scaled image smaller than the crop is padded right and bottom with zeros and label 255.
+    Zhu et al.'s class-uniform sampling (NVIDIA/semantic-segmentation `--class_uniform_pct 0.5`), per image.
+    Upstream draws that fraction of an epoch's samples over the whole dataset: a class uniformly, then one of the
+    (image, 1024 px tile) pairs that hold it, and the crop holds the class' centroid in that tile at a random
+    place. Here the sampler stays the shuffled one, and each crop draws the class among its own image's and
+    centres on a random pixel of it: rare classes get more crops inside the images that hold them, not more
+    images. A pixel is always of the class, where a centroid need not be, so no tiles are needed to keep it there.
+    Each call's choice is in its parameters: `make_params(...)["label"]`, None for a random window.
     """
 
-    def __init__(self, crop: int | None, scale_range: tuple[float, float] = (1.0, 1.0), train: bool = False) -> None:
+    def __init__(self, size: tuple[int, int], class_uniform: float, *, ignore: int = IGNORE) -> None:
+        super().__init__()
+        self.size, self.class_uniform, self.ignore = tuple(size), class_uniform, ignore
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """Draw the window (torch's RNG, seeded per DataLoader worker): its corner, size and the class it is on."""
+        height, width = v2.query_size(flat_inputs)
+        crop_h, crop_w = self.size
+        if crop_h > height or crop_w > width:
+            raise ValueError(f"crop {crop_h} x {crop_w} is larger than the {height} x {width} input; pad it first")
+        label = None
+        top, left = torch.randint(height - crop_h + 1, ()).item(), torch.randint(width - crop_w + 1, ()).item()
+        if torch.rand(()).item() < self.class_uniform:
+            masks = [i for i in flat_inputs if isinstance(i, tv_tensors.Mask)]
+            if not masks:
+                raise TypeError("class-uniform cropping needs the label map: pass a tv_tensors.Mask with the image")
+            labels = masks[0].as_subclass(torch.Tensor).reshape(height, width)
+            counts = torch.bincount(labels.flatten().long(), minlength=self.ignore + 1)
+            counts[self.ignore :] = 0
+            classes = counts.nonzero().flatten()
+            if len(classes):
+                label = classes[torch.randint(len(classes), ())].item()
+                ys, xs = (labels == label).nonzero(as_tuple=True)
+                pick = torch.randint(len(ys), ()).item()
+                top = min(max(ys[pick].item() - crop_h // 2, 0), height - crop_h)
+                left = min(max(xs[pick].item() - crop_w // 2, 0), width - crop_w)
+        return {"top": top, "left": left, "height": crop_h, "width": crop_w, "label": label}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Crop one input to the drawn window."""
+        window = {k: params[k] for k in ("top", "left", "height", "width")}
+        return self._call_kernel(F.crop, inpt, **window)
+
+
+class JointTransform:
+    """Image + raw labelIds PIL pair -> normalized tensor (3, H, W) and train-id tensor (H, W); in training, a
+    random scale, crop and horizontal flip applied to both alike (torchvision transforms v2 on Image + Mask),
+    then the image alone jittered in colour and blurred where asked; normalisation comes last.
+
+    The crop is `crop` pixels square, clipped to the unscaled image, so a small synthetic image trains whole; a
+    scaled image smaller than the crop is padded right and bottom with the mean colour and label 255.
+    `class_uniform`, `color_jitter` and `gaussian_blur` are NVIDIA/semantic-segmentation's training defaults
+    (`--class_uniform_pct 0.5 --color_aug 0.25 --gblur`): see `ClassUniformCrop`; v2.ColorJitter with brightness,
+    contrast, saturation and hue all `color_jitter` (as upstream's `--color_aug`); v2.GaussianBlur with a sigma
+    drawn from `BLUR_SIGMA` on every image.
+    """
+
+    def __init__(
+        self,
+        crop: int | None,
+        scale_range: tuple[float, float] = (1.0, 1.0),
+        train: bool = False,
+        *,
+        class_uniform: float = 0.0,
+        color_jitter: float = 0.0,
+        gaussian_blur: bool = False,
+    ) -> None:
         self.crop, self.scale_range, self.train = crop, tuple(scale_range), train
+        self.class_uniform, self.color_jitter, self.gaussian_blur = class_uniform, color_jitter, gaussian_blur
         self._augment: dict[tuple[int, int], v2.Compose] = {}  # by unscaled image size: the crop is clipped to it
 
     def augmentation(self, height: int, width: int) -> v2.Compose:
@@ -113,25 +179,35 @@ class JointTransform:
             scaled = self.scale_range != (1.0, 1.0)
             if scaled:
                 steps.append(RandomScale(self.scale_range))
+            smallest = max(1, round(min(height, width) * min(self.scale_range[0], 1.0)))  # the output's shorter side
             if self.crop:
                 size = (min(self.crop, height), min(self.crop, width))
                 if self.scale_range[0] < 1.0:  # only a shrunk image can be smaller than the crop
                     steps.append(PadIfSmaller(size, fill=PAD_FILL))
                 if scaled or size != (height, width):  # else the only window is the whole image
-                    steps.append(v2.RandomCrop(size))
+                    # v2.RandomCrop when class-uniform crops are off: the same draws as before they existed
+                    crop = ClassUniformCrop(size, self.class_uniform) if self.class_uniform else v2.RandomCrop(size)
+                    steps.append(crop)
+                smallest = min(size)
             steps.append(v2.RandomHorizontalFlip())
+            if self.color_jitter:
+                jitter = self.color_jitter
+                steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter))
+            if self.gaussian_blur:  # reflect padding needs the kernel's half width below the image side
+                steps.append(v2.GaussianBlur(min(BLUR_KERNEL, 2 * smallest - 1), sigma=BLUR_SIGMA))
             self._augment[height, width] = v2.Compose(steps)
         return self._augment[height, width]
 
     def __call__(self, image: Image.Image, target: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         # (H, W, C) -> (C, H, W) made contiguous before the float conversion: resizing a channels-last view is slower
         pixels = F.to_dtype(F.pil_to_tensor(image.convert("RGB")).contiguous(), torch.float32, scale=True)
-        pixels = F.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
         label = to_train_ids(torch.from_numpy(np.array(target, dtype=np.uint8)))
         if self.train:
             augment = self.augmentation(*pixels.shape[-2:])
             pixels, label = augment(tv_tensors.Image(pixels), tv_tensors.Mask(label))
             pixels, label = pixels.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
+        # after the augmentation: colour jitter works on 0..1 pixels, and the crop is cheaper to normalise
+        pixels = F.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
         return pixels.contiguous(), label.contiguous()
 
 
@@ -161,7 +237,14 @@ def check_layout(root: Path) -> None:
 def build_dataset(root: Path, preset: SegmentationPreset, split: str) -> Dataset:
     """The real loader: torchvision's Cityscapes (fine, semantic), files in sorted order, ids -> train ids."""
     check_layout(root)
-    transform = JointTransform(preset.image_size, preset.scale_range, train=split == "train")
+    transform = JointTransform(
+        preset.image_size,
+        preset.scale_range,
+        train=split == "train",
+        class_uniform=preset.class_uniform,
+        color_jitter=preset.color_jitter,
+        gaussian_blur=preset.gaussian_blur,
+    )
     data = torchvision.datasets.Cityscapes(
         str(root), split=split, mode="fine", target_type="semantic", transforms=transform
     )

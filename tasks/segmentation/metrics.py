@@ -89,7 +89,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, preset:
     for images, targets in log_progress(batches, total=count, what="evaluation batches", logger=logger):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         tile = min(preset.tile_size or images.shape[-2], *images.shape[-2:])
-        with autocast(device):
+        with autocast(device, preset.amp):
             logits = model(images).float()
             predictions = {
                 "whole": logits.argmax(1),

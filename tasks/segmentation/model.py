@@ -6,24 +6,67 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from .data import TRAIN_CLASSES
 
 
-def _dilate(layer: nn.Module, dilation: int) -> None:
-    """Turn a ResNet stage's stride into dilation (DeepLab's output-stride trick) for Basic and Bottleneck blocks."""
-    for module in layer.modules():
-        if isinstance(module, nn.Conv2d):
-            if module.stride != (1, 1):
-                module.stride = (1, 1)
-            if module.kernel_size == (3, 3):
-                module.dilation, module.padding = (dilation, dilation), (dilation, dilation)
+def dilation_flags(output_stride: int) -> list[bool]:
+    """torchvision's `replace_stride_with_dilation` for layer2..layer4 at `output_stride` 8, 16 or 32."""
+    return [False, output_stride == 8, output_stride <= 16]
+
+
+def dilate_basic_blocks(net: ResNet, flags: list[bool]) -> None:
+    """Dilate a BasicBlock ResNet (resnet18/34, which torchvision refuses to dilate) by torchvision's own rule.
+
+    As `ResNet._make_layer` with `replace_stride_with_dilation`: a dilated stage's strides become 1 and its
+    dilation doubles; its first block keeps the previous dilation, the later blocks take the new one; every 3x3
+    conv's padding equals its dilation.
+    """
+    dilation = 1
+    for layer, dilate in zip((net.layer2, net.layer3, net.layer4), flags, strict=True):
+        previous = dilation
+        if dilate:
+            dilation *= 2
+        for index, block in enumerate(layer):
+            if not isinstance(block, BasicBlock):
+                raise TypeError(f"dilate_basic_blocks: expected BasicBlock, got {type(block).__name__}")
+            if dilate and index == 0:
+                block.conv1.stride = (1, 1)
+                if block.downsample is not None:
+                    block.downsample[0].stride = (1, 1)
+            d = previous if index == 0 else dilation
+            for conv in (block.conv1, block.conv2):
+                conv.dilation, conv.padding = (d, d), (d, d)
+
+
+def build_backbone(name: str, output_stride: int) -> ResNet:
+    """An untrained torchvision ResNet whose last stages trade stride for dilation (DeepLab's output stride).
+
+    Bottleneck backbones (resnet50, wide_resnet50_2, resnext...) are built by torchvision with
+    `replace_stride_with_dilation`; BasicBlock ones (resnet18/34) follow the same rule by `dilate_basic_blocks`.
+    """
+    builder = getattr(torchvision.models, name, None)
+    if builder is None or not name.startswith(("resnet", "wide_resnet", "resnext")):
+        raise ValueError(
+            f"Unknown backbone {name!r}: expected a torchvision ResNet, e.g. resnet18, resnet50, wide_resnet50_2"
+        )
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    flags = dilation_flags(output_stride)
+    net = builder(weights=None)
+    if not any(flags):
+        return net
+    if isinstance(net.layer1[0], BasicBlock):
+        dilate_basic_blocks(net, flags)
+        return net
+    return builder(weights=None, replace_stride_with_dilation=flags)
 
 
 class DeepLabV3Plus(nn.Module):
     """DeepLabV3+ (Chen et al. 2018): a dilated torchvision ResNet encoder, ASPP, and a decoder that merges the
-    stride-4 low-level features. `output_stride` 8 dilates the last two stages, 16 the last one."""
+    stride-4 low-level features. `output_stride` 8 dilates the last two stages, 16 the last one (`build_backbone`)."""
 
     def __init__(
         self,
@@ -37,19 +80,7 @@ class DeepLabV3Plus(nn.Module):
         decoder_channels: int = 256,
     ) -> None:
         super().__init__()
-        builder = getattr(torchvision.models, backbone, None)
-        if builder is None or not backbone.startswith(("resnet", "wide_resnet", "resnext")):
-            raise ValueError(
-                f"Unknown backbone {backbone!r}: expected a torchvision ResNet, e.g. resnet18, "
-                "resnet50, wide_resnet50_2"
-            )
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
-        net = builder(weights=None)
-        if output_stride <= 16:
-            _dilate(net.layer4, 2 if output_stride == 16 else 4)
-        if output_stride == 8:
-            _dilate(net.layer3, 2)
+        net = build_backbone(backbone, output_stride)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         low_in = (

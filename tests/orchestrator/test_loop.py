@@ -6,8 +6,9 @@ import re
 import pytest
 import torch
 
+import convs
 from orchestrator.config import TrialConfig
-from orchestrator.loop import CHECKPOINT_FILE, train
+from orchestrator.loop import CHECKPOINT_FILE, build_optimizer, prepare, train, train_one_epoch, variant_options
 from tasks import Evaluation, PresetError
 
 
@@ -105,7 +106,7 @@ def test_bad_settings(cache):
         train(config(cache, overrides={"epochs": -3}))
     with pytest.raises(PresetError, match=r"Unknown preset key\(s\) \['tile_size'\]"):  # segmentation's, not ours
         train(config(cache, overrides={"tile_size": 32}))
-    with pytest.raises(ValueError, match="does not support variant 'partail'; it supports"):
+    with pytest.raises(ValueError, match="Unknown conv variant 'partail'. Known variants: .*partial"):
         train(config(cache, variant="partail"))
     with pytest.raises(ValueError, match="Known presets: thesis, cpu, smoke"):
         train(TrialConfig(task="classification", variant="zero", seed=0, preset="tiny", cache_dir=cache))
@@ -127,3 +128,73 @@ def test_a_resumed_trial_logs_each_epoch_once(cache, tmp_path):
     assert [c[1] for c in tracker.calls if c[0] == "epoch"] == [0, 1, 2, 3]
     backfilled = next(c[2] for c in tracker.calls if c[0] == "epoch" and c[1] == 1)
     assert backfilled["val/top1"] == checkpoints[1]["history"][1]["val/top1"] and "best/top1" in backfilled
+
+
+def test_the_preset_precision_is_checked_before_training_and_bf16_trains(cache):
+    with pytest.raises(PresetError, match=r"amp='fp16' on a CPU: CPUs train in bf16 or fp32 only"):
+        train(config(cache, overrides={"amp": "fp16"}), device=torch.device("cpu"))
+    with pytest.raises(PresetError, match=r"amp='fp8': expected None or one of bf16, fp16"):
+        train(config(cache, overrides={"amp": "fp8"}))
+    out = train(config(cache, overrides={"amp": "bf16", "epochs": 1}), device=torch.device("cpu"))
+    assert len(out["history"]) == 1 and out["history"][0]["train/loss"] > 0
+
+
+class StartingConv(torch.nn.Conv2d):
+    """A variant that, like the layers convs is gaining, takes a `start` option."""
+
+    @classmethod
+    def convert_options(cls):
+        return ["start", "norm"]
+
+
+def test_the_preset_start_goes_to_variants_that_take_one(cache, monkeypatch):
+    _, smoke, _ = prepare(config(cache))
+    assert smoke.variant_start == "copy"  # the smoke preset: every variant learns within a few epochs
+    preset = smoke.updated(variant_start="random")  # as the comparison presets (cpu, thesis)
+    assert variant_options(config(cache, variant="zero"), preset) == {}  # nn.Conv2d: no convert_options at all
+    for name in sorted(convs.VARIANTS):  # before and after convs' layers learn `start`
+        takes = "start" in getattr(convs.get(name), "convert_options", list)()
+        assert variant_options(config(cache, variant=name), preset) == ({"start": "random"} if takes else {})
+    monkeypatch.setattr(convs, "get", lambda name: StartingConv)
+    assert variant_options(config(cache, variant="gated", variant_options={"norm": "inside"}), preset) == {
+        "norm": "inside",
+        "start": "random",
+    }
+    own = config(cache, variant="gated", variant_options={"start": "copy"})
+    assert variant_options(own, preset) == {"start": "copy"}  # the trial's own option wins
+    assert variant_options(config(cache), preset.updated(variant_start="copy")) == {"start": "copy"}
+    monkeypatch.undo()
+    assert variant_options(config(cache, variant="edge:start=copy"), preset) == {}  # the spec's own start wins
+    assert variant_options(config(cache, variant="edge_no7"), preset) == {"start": "random"}
+
+
+@pytest.mark.parametrize("variant", ["gated:norm=inside", "edge_no7"])
+def test_variant_specs_and_aliases_train(cache, variant):
+    """The thesis presets' arms are specs and aliases (gated:norm=inside, edge_no7): the loop takes them as such."""
+    out = train(config(cache, variant=variant, overrides={"epochs": 1, "max_batches": 2}))
+    assert len(out["history"]) == 1
+    with pytest.raises(ValueError, match=r"Unknown conv variant 'edgy'"):
+        prepare(config(cache, variant="edgy:start=copy"))
+
+
+def test_loss_scaling_for_fp16_changes_nothing_but_the_scale(cache):
+    """The fp16 path's GradScaler (exercised on CPU in fp32): a power-of-two scale, unscaled before the step, gives
+    the same losses bit for bit as no scaler; its state travels in the checkpoint."""
+    task, preset, root = prepare(config(cache, overrides={"max_batches": 3}))
+    train_loader, _ = task.build_loaders(root, preset, rank=0, world_size=1, seed=0, workers=0)
+    losses = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
+        torch.manual_seed(0)
+        model = task.build_model(preset, num_classes=4)
+        optimizer = build_optimizer(model, preset)
+        device = torch.device("cpu")
+        losses.append(
+            [train_one_epoch(model, task, train_loader, optimizer, device, preset, e, scaler=scaler) for e in range(2)]
+        )
+    assert losses[0] == losses[1]
+    checkpoints = []
+    train(
+        config(cache, overrides={"epochs": 1}),
+        report=lambda m, f: checkpoints.append(torch.load(f / CHECKPOINT_FILE, weights_only=False)),
+    )
+    assert checkpoints[0]["scaler"] == {}  # fp32: a disabled scaler, nothing to restore

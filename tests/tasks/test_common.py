@@ -1,29 +1,44 @@
-"""What the tasks share: autocast on GPUs only, quiet progress logging for short loops, scene drawing."""
+"""What the tasks share: autocast as the preset asks, quiet progress logging for short loops, scene drawing."""
 
 import logging
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
+from tasks import PresetError
 from tasks.common import autocast, disc, log_progress, noisy_canvas, pixel_grid, to_uint8
 
 
-def test_autocast_is_bf16_on_cuda_and_off_elsewhere():
-    with autocast(torch.device("cpu")):
+def test_autocast_is_off_by_default_and_bf16_when_asked_on_cpu():
+    with autocast(torch.device("cpu"), None):
         assert not torch.is_autocast_enabled("cpu")
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with autocast(torch.device("cpu"), "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
 
 
-def test_autocast_asks_for_bf16_on_cuda(monkeypatch):
+def test_autocast_asks_torch_for_the_preset_precision(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: calls.append((args, kwargs)))
-    autocast(torch.device("cuda", 0))
-    autocast(torch.device("cpu"))
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    for device, amp in ((cuda, None), (cuda, "bf16"), (cuda, "fp16"), (cpu, None), (cpu, "bf16")):
+        autocast(device, amp)
     assert calls == [
+        (("cuda",), {"enabled": False}),  # fp32, as the thesis trained
         (("cuda",), {"dtype": torch.bfloat16, "enabled": True}),
-        (("cpu",), {"dtype": torch.bfloat16, "enabled": False}),
+        (("cuda",), {"dtype": torch.float16, "enabled": True}),
+        (("cpu",), {"enabled": False}),
+        (("cpu",), {"dtype": torch.bfloat16, "enabled": True}),
     ]
+
+
+def test_autocast_refuses_fp16_on_cpu_and_unknown_precisions():
+    with pytest.raises(PresetError, match=r"amp='fp16' on a CPU: .*use amp=\"bf16\" there, or amp=None for fp32"):
+        autocast(torch.device("cpu"), "fp16")
+    with pytest.raises(PresetError, match=r"amp='fp32': expected None \(fp32\) or one of bf16, fp16"):
+        autocast(torch.device("cuda"), "fp32")
 
 
 def test_progress_is_silent_for_short_loops_and_periodic_for_long_ones(caplog, monkeypatch):

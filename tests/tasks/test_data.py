@@ -5,7 +5,7 @@ import logging
 import pytest
 
 import tasks
-from tasks import LayoutError, ensure_synthetic, get_task
+from tasks import LayoutError, PresetError, ensure_synthetic, get_task
 
 
 @pytest.mark.parametrize("name", sorted(tasks.TASKS))
@@ -28,5 +28,23 @@ def test_a_split_smaller_than_one_batch_says_so(tmp_path):
     task = get_task("classification")
     preset = task.presets["smoke"]
     root = ensure_synthetic(task, preset, tmp_path)
+    # 200 global over 2 workers: 100 each, but each worker's shard holds 64 of the 128 images
     with pytest.raises(LayoutError, match=r"train holds 128 images, fewer than one batch of 100 per worker x 2"):
-        task.build_loaders(root, preset.updated(batch_size=100), rank=0, world_size=2, seed=0, workers=0)
+        task.build_loaders(root, preset.updated(batch_size=200), rank=0, world_size=2, seed=0, workers=0)
+
+
+@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+def test_the_batch_size_is_global_and_split_across_workers(name, tmp_path):
+    """The thesis' batches are global (ImageNet 64; Cityscapes 16 = 8 GPUs x 2): each worker loads its share."""
+    task = get_task(name)
+    preset = task.presets["smoke"]
+    root = ensure_synthetic(task, preset, tmp_path)
+    for world_size in (1, 2):
+        for rank in range(world_size):
+            train, val = task.build_loaders(root, preset, rank=rank, world_size=world_size, seed=0, workers=0)
+            assert train.batch_size == preset.batch_size // world_size
+            assert len(next(iter(train))[0]) == preset.batch_size // world_size
+            assert val.batch_size == (preset.eval_batch_size or preset.batch_size // world_size)
+    message = rf"batch_size={preset.batch_size} is the global batch .* does not split evenly across 3 workers; set"
+    with pytest.raises(PresetError, match=message):
+        task.build_loaders(root, preset, rank=0, world_size=3, seed=0, workers=0)

@@ -25,12 +25,18 @@ BAD = {
     "max_batches": [0, -1, 1.5, True],
     "eval_batch_size": [0, 2.5, False],
     "sync_bn": [1, "yes", None],
+    "amp": ["fp32", "BF16", "", True, 16],
+    "variants": [(), [], "zero", ("zero", ""), ("zero", 3), ("zero", "zero"), None],
+    "variant_start": ["copied", "", None],
     "model_options": [None, [("output_stride", 8)], "output_stride=8"],
     "synthetic": [None, 3],
     "eval_size": [0, 1.5, None],
     "crop_scale": [(0, 1), (0.5, 0.2), (0.5, 1.5), (0.5,), "0.5,1", (0.1, math.nan), (-0.1, 1.0), None],
     "tile_size": [0, -1, 2.5, True],
     "scale_range": [(0, 1), (2.0, 0.5), (0.5,), (-1, 1), (0.5, math.inf), None],
+    "class_uniform": [-0.1, 1.5, math.nan, True, None, "0.5"],
+    "color_jitter": [-0.25, 0.6, math.inf, None],
+    "gaussian_blur": [1, 0, "yes", None],
 }
 CASES = [
     pytest.param(name, key, value, id=f"{name}-{key}={value!r}")
@@ -105,6 +111,43 @@ def test_another_task_own_keys_are_unknown(name, other):
     for key in foreign:
         with pytest.raises(PresetError, match=rf"Unknown preset key\(s\) \['{key}'\]"):
             get_task(name).presets["smoke"].updated(**{key: getattr(get_task(other).presets["smoke"], key)})
+
+
+def test_new_fields_accept_their_good_values():
+    preset = get_task("segmentation").presets["smoke"]
+    assert preset.updated(amp="bf16").amp == "bf16" and preset.updated(amp="fp16").amp == "fp16"
+    assert preset.updated(amp=None).amp is None
+    assert preset.updated(variants=["zero", "gated:norm=inside"]).variants == ("zero", "gated:norm=inside")
+    assert preset.updated(variant_start="copy").variant_start == "copy"
+    updated = preset.updated(class_uniform=1, color_jitter=0, gaussian_blur=True)
+    assert updated.class_uniform == 1.0 and type(updated.class_uniform) is float and updated.gaussian_blur is True
+
+
+@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+def test_thesis_presets_follow_the_thesis_and_the_small_ones_stay_as_they_were(name):
+    presets = get_task(name).presets
+    thesis = presets["thesis"]
+    assert thesis.amp is None and thesis.variant_start == "random"  # fp32, trained from scratch
+    assert thesis.variants[0] == "zero" and "affine" in thesis.variants
+    assert presets["cpu"].variant_start == "random" and presets["smoke"].variant_start == "copy"
+    for small in ("cpu", "smoke"):
+        assert presets[small].amp is None
+        assert presets[small].variants == ("zero", "partial", "gated", "edge", "affine")
+    if name == "classification":
+        assert thesis.batch_size == 64  # global, thesis section 4.1
+        assert thesis.variants == ("zero", "partial", "gated:norm=inside", "edge", "edge_no7", "affine")
+        assert (presets["cpu"].batch_size, presets["smoke"].batch_size) == (32, 16)
+    else:
+        assert thesis.batch_size == 16  # global: 8 GPUs x 2 images
+        assert thesis.variants == ("zero", "partial", "gated", "affine")  # gated: eq. 3.12, the convert default
+        assert (thesis.class_uniform, thesis.color_jitter, thesis.gaussian_blur) == (0.5, 0.25, True)
+        assert (presets["cpu"].batch_size, presets["smoke"].batch_size) == (8, 8)
+        for small in ("cpu", "smoke"):
+            assert (presets[small].class_uniform, presets[small].color_jitter, presets[small].gaussian_blur) == (
+                0.0,
+                0.0,
+                False,
+            )
 
 
 def test_presets_are_frozen():

@@ -1,4 +1,5 @@
-"""Cityscapes data: the layout check, label ids -> train ids, the loaders, the joint training transform."""
+"""Cityscapes data: the layout check, label ids -> train ids, the loaders, the joint training transform (with
+NVIDIA's class-uniform crops, colour jitter and blur)."""
 
 import random
 import shutil
@@ -8,10 +9,11 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from torchvision import tv_tensors
 
 from tasks import LayoutError
 from tasks.common import IMAGENET_MEAN, IMAGENET_STD
-from tasks.segmentation import IGNORE, TRAIN_CLASSES, JointTransform, to_train_ids
+from tasks.segmentation import IGNORE, TRAIN_CLASSES, ClassUniformCrop, JointTransform, to_train_ids
 
 # docs/datasets.md, written out independently of torchvision's class table.
 CITYSCAPES_TRAIN_IDS = {
@@ -135,3 +137,81 @@ def test_validation_transform_keeps_the_whole_image():
     x, y = JointTransform(16, (0.5, 2.0), train=False)(image, Image.fromarray(ids))
     assert x.shape == (3, 24, 48) and x.dtype == torch.float32 and y.dtype == torch.long
     assert torch.equal(y, to_train_ids(torch.from_numpy(ids))) and torch.equal(to_train_ids(_decode(x)), y)
+
+
+def _rare_class_pair():
+    """A 48 x 96 scene of road (id 7) with one pixel of a rare class (car, id 26) in a corner, sky (23) on top."""
+    ids = np.full((48, 96), 7, np.uint8)
+    ids[:12] = 23
+    ids[46, 1] = 26
+    rgb = np.repeat(ids[..., None] * 9, 3, axis=2)
+    return Image.fromarray(rgb), ids
+
+
+def test_class_uniform_crop_always_holds_a_pixel_of_the_class_it_drew():
+    """With class_uniform=1 each crop is centred on a pixel of a class drawn uniformly from the image's classes
+    (moved inside the image at the border): of road, sky and a one-pixel car in a corner, the car is drawn in
+    about a third of the crops, where plain random crops almost never hold it (4 of 2673 windows do)."""
+    image, ids = _encoded_pair()
+    crop = ClassUniformCrop((16, 16), 1.0)
+    labels = tv_tensors.Mask(to_train_ids(torch.from_numpy(ids)))
+    pixels = tv_tensors.Image(torch.rand(3, 24, 48))
+    for seed in range(50):
+        torch.manual_seed(seed)
+        params = crop.make_params([pixels, labels])
+        window = crop.transform(labels, params)
+        assert params["label"] in {0, 1, 2, 13} and (window == params["label"]).any()
+        assert window.shape == (16, 16) and crop.transform(pixels, params).shape == (3, 16, 16)
+    image, ids = _rare_class_pair()
+    car = TRAIN_CLASSES.index("car")
+    found = {}
+    for fraction in (1.0, 0.0):
+        transform = JointTransform(16, (1.0, 1.0), train=True, class_uniform=fraction)
+        hits = 0
+        for seed in range(300):
+            torch.manual_seed(seed)
+            _, y = transform(image, Image.fromarray(ids))
+            assert y.shape == (16, 16)
+            hits += bool((y == car).any())
+        found[fraction] = hits / 300
+    assert 0.25 < found[1.0] < 0.42 and found[0.0] < 0.05, found
+
+
+def test_class_uniform_crop_without_labelled_pixels_or_labels():
+    crop = ClassUniformCrop((4, 4), 1.0)
+    pixels = tv_tensors.Image(torch.rand(3, 8, 8))
+    ignored = tv_tensors.Mask(torch.full((8, 8), IGNORE))
+    assert crop.make_params([pixels, ignored])["label"] is None  # nothing to centre on: a random window
+    with pytest.raises(TypeError, match="needs the label map"):
+        crop.make_params([pixels])
+    with pytest.raises(ValueError, match="crop 4 x 4 is larger than the 2 x 8 input"):
+        crop.make_params([tv_tensors.Image(torch.rand(3, 2, 8))])
+
+
+@pytest.mark.parametrize("options", [{"color_jitter": 0.25}, {"gaussian_blur": True}])
+def test_colour_jitter_and_blur_change_the_image_never_the_labels(options):
+    """Photometric steps act on the image only: against the same crop and flip without them (same seed), the
+    labels are identical and the image differs; padding keeps label 255."""
+    image, ids = _encoded_pair()
+    plain = JointTransform(16, (0.5, 2.0), train=True)
+    changed = JointTransform(16, (0.5, 2.0), train=True, **options)
+    differs = 0
+    for seed in range(10):
+        torch.manual_seed(seed)
+        x0, y0 = plain(image, Image.fromarray(ids))
+        torch.manual_seed(seed)
+        x1, y1 = changed(image, Image.fromarray(ids))
+        assert torch.equal(y0, y1) and x1.shape == x0.shape == (3, 16, 16)
+        differs += not torch.allclose(x0, x1)
+    assert differs >= 8
+
+
+def test_the_loader_takes_the_nvidia_augmentations_from_the_preset(task, root):
+    preset = task.presets["smoke"].updated(class_uniform=0.5, color_jitter=0.25, gaussian_blur=True, image_size=16)
+    train, _ = task.build_loaders(root, preset, rank=0, world_size=1, seed=0, workers=0)
+    transform = train.dataset.transforms
+    assert (transform.class_uniform, transform.color_jitter, transform.gaussian_blur) == (0.5, 0.25, True)
+    images, labels = next(iter(train))
+    assert images.shape == (preset.batch_size, 3, 16, 16) and labels.shape == (preset.batch_size, 16, 16)
+    steps = [type(step).__name__ for step in transform.augmentation(32, 64).transforms]
+    assert steps == ["ClassUniformCrop", "RandomHorizontalFlip", "ColorJitter", "GaussianBlur"]

@@ -1,7 +1,9 @@
-"""DeepLabV3+: every conv variant converts all of it (dilated ASPP included); output stride and backbones."""
+"""DeepLabV3+: every conv variant converts all of it (dilated ASPP included); output stride, backbones and their
+dilation, against torchvision's own `replace_stride_with_dilation`."""
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import convs
@@ -31,3 +33,42 @@ def test_deeplab_output_stride_and_wide_backbone():
         DeepLabV3Plus("vgg16")
     with pytest.raises(ValueError, match="output_stride"):
         DeepLabV3Plus("resnet18", output_stride=4)
+
+
+def _geometry(model: nn.Module) -> dict[str, tuple]:
+    """(stride, dilation, padding) of every conv of the four ResNet stages, by module name."""
+    return {
+        name: (m.stride, m.dilation, m.padding)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and name.startswith(("layer1", "layer2", "layer3", "layer4"))
+    }
+
+
+@pytest.mark.parametrize("output_stride, flags", [(8, [False, True, True]), (16, [False, False, True]), (32, None)])
+def test_bottleneck_backbones_are_dilated_as_torchvision_dilates_them(output_stride, flags):
+    model = DeepLabV3Plus("resnet50", output_stride=output_stride, aspp_channels=16, decoder_channels=16)
+    reference = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=flags)
+    assert _geometry(model) == _geometry(reference)
+    if output_stride == 8:  # torchvision's rule: a dilated stage's first block keeps the previous dilation
+        assert model.layer3[0].conv2.dilation == (1, 1) and model.layer3[1].conv2.dilation == (2, 2)
+        assert model.layer4[0].conv2.dilation == (2, 2) and model.layer4[1].conv2.dilation == (4, 4)
+
+
+@pytest.mark.parametrize("output_stride", [8, 16, 32])
+def test_basic_block_backbones_follow_the_same_rule(output_stride):
+    """resnet18 (which torchvision refuses to dilate): per block, the dilation resnet50 gets at the same place."""
+    model = DeepLabV3Plus("resnet18", output_stride=output_stride, aspp_channels=16, decoder_channels=16)
+    flags = [False, output_stride == 8, output_stride <= 16]
+    reference = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=flags)
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        for index, block in enumerate(getattr(model, stage)):
+            bottleneck = getattr(reference, stage)[index]
+            d = bottleneck.conv2.dilation
+            assert block.conv1.dilation == block.conv2.dilation == block.conv1.padding == block.conv2.padding == d
+            assert block.conv1.stride == bottleneck.conv2.stride and block.conv2.stride == (1, 1)
+            if block.downsample is not None:
+                assert block.downsample[0].stride == bottleneck.downsample[0].stride
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        features = model.layer4(model.layer3(model.layer2(model.layer1(model.stem(x)))))
+    assert features.shape[-2:] == (64 // output_stride, 64 // output_stride)
