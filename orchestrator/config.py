@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
+import convs
+
 
 @dataclass
 class TrialConfig:
     task: str  # a key of tasks.TASKS
-    variant: str  # a key of convs.VARIANTS
+    variant: str  # a variant spec: a name of convs.VARIANTS, NAME:OPTION=VALUE,... or an alias (convs.ALIASES)
     seed: int  # seeds torch, numpy, python and the data order
     preset: str = "smoke"  # a key of the task's presets
     overrides: dict[str, Any] = field(default_factory=dict)  # preset fields to change (--epochs, --space ...)
@@ -37,7 +39,9 @@ class TrialConfig:
         """Flat settings for MLflow params (variant and seed under those names)."""
         flat = {k: v for k, v in asdict(self).items() if k not in ("overrides", "variant_options", "mlflow_run_id")}
         flat.update({f"preset.{k}": v for k, v in self.overrides.items()})
-        flat.update({f"variant.{k}": v for k, v in self.variant_options.items()})
+        spec = convs.parse_variant(self.variant)
+        flat["variant.base"] = spec.base
+        flat.update({f"variant.{k}": v for k, v in {**spec.options, **self.variant_options}.items()})
         return flat
 
 

@@ -37,7 +37,7 @@ log = logging.getLogger("orchestrator.sweep")  # not __name__: that is "__main__
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 ARGS_FILE = "sweep-args.json"  # the command line a sweep started with, beside Tune's state: --resume reads it
 RESUMABLE = ("resume", "name", "storage", "address")  # what --resume may set; everything else is the sweep's own
-NOT_SEARCHABLE = ("synthetic", "model", "model_options")  # preset fields that --space cannot sample
+NOT_SEARCHABLE = ("synthetic", "model", "model_options", "variants")  # preset fields that --space cannot sample
 
 
 def get_args_parser() -> ArgumentParser:
@@ -51,12 +51,18 @@ def get_args_parser() -> ArgumentParser:
     p.add_argument(
         "--variants",
         nargs="+",
-        metavar="NAME",
-        help=f"conv variants to compare (default: all the task supports; known: {', '.join(convs.VARIANTS)})",
+        metavar="SPEC",
+        help="conv variants to compare: NAME[:OPTION=VALUE,...] or an alias, e.g. zero gated:norm=inside edge_no7 "
+        f"(default: the preset's list; names: {', '.join(convs.VARIANTS)}; aliases: {', '.join(convs.ALIASES)})",
     )
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="run seeds 0..N-1 per variant (default 3)")
     p.add_argument("--preset", help="recipe: thesis, cpu or smoke (default: thesis with a GPU, cpu without)")
     p.add_argument("--epochs", type=int, metavar="N", help="override the preset's number of epochs")
+    p.add_argument(
+        "--amp",
+        choices=("bf16", "fp16", "off"),
+        help="mixed precision, overriding the preset's (the thesis trained in fp32: off in the thesis presets)",
+    )
     p.add_argument(
         "--data-root",
         metavar="PATH",
@@ -182,13 +188,9 @@ def plan(args: Any, *, cuda: bool, now: float | None = None) -> Plan:
     try:
         task = tasks.get_task(args.task)
         for v in args.variants or []:
-            convs.get(v)
+            convs.parse_variant(v)
     except ValueError as e:
         raise CliError(str(e)) from None
-    variants = tuple(args.variants or task.variants)
-    unsupported = [v for v in variants if v not in task.variants]
-    if unsupported:
-        raise CliError(f"task {task.name} does not support {unsupported}; it supports {', '.join(task.variants)}")
     for flag, value, low in (
         ("--seeds", args.seeds, 1),
         ("--workers-per-trial", args.workers_per_trial, 1),
@@ -206,11 +208,22 @@ def plan(args: Any, *, cuda: bool, now: float | None = None) -> Plan:
     preset_name = args.preset or ("thesis" if cuda else "cpu")
     if preset_name not in task.presets:
         raise CliError(f"unknown preset {preset_name!r} for {task.name}; known presets: {', '.join(task.presets)}")
-    overrides = {"epochs": args.epochs} if args.epochs is not None else {}
+    overrides: dict[str, Any] = {"epochs": args.epochs} if args.epochs is not None else {}
+    if args.amp is not None:
+        overrides["amp"] = None if args.amp == "off" else args.amp
     try:
         preset = task.presets[preset_name].updated(**overrides)
     except ValueError as e:
         raise CliError(f"{e} (preset {preset_name} of {task.name})") from None
+    variants = tuple(args.variants or preset.variants)
+    unsupported = [v for v in variants if convs.parse_variant(v).base not in task.variants]
+    if unsupported:
+        raise CliError(f"task {task.name} does not support {unsupported}; it supports {', '.join(task.variants)}")
+    if preset.batch_size % args.workers_per_trial:
+        raise CliError(
+            f"the batch of {preset.batch_size} (global, as in the thesis) does not split across "
+            f"{args.workers_per_trial} workers per trial; pick --workers-per-trial dividing it"
+        )
     space = parse_space(args.space, preset)
     if args.search == "optuna" and not space:
         raise CliError("--search optuna needs at least one --space KEY=DIST (e.g. --space lr=loguniform:1e-4:1e-1)")
@@ -579,8 +592,10 @@ def closing_lines(p: Plan, results: list[report.TrialResult], experiment_id: str
     """The comparison table and what to do next: resume an unfinished sweep, open the MLflow UI."""
     rows = report.comparison(results, report.columns(table_metrics))
     lines = [
-        f"\n{p.task}: {', '.join(table_metrics)} per variant (best epoch; last5: mean of the last 5 epochs), "
-        "mean and std over seeds, difference to zero\n",
+        f"\n{p.task}: {', '.join(table_metrics)} per variant (best epoch by {table_metrics[0]}, every column at that "
+        "epoch; last5: mean of the last 5 epochs), mean and std over seeds, difference to zero; batch "
+        f"{p.preset.batch_size} global ({p.preset.batch_size // p.workers_per_trial} per worker x "
+        f"{p.workers_per_trial})\n",
         report.markdown(rows),
     ]
     failed = sum(r.status == "failed" for r in results)

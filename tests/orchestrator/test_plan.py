@@ -55,12 +55,24 @@ def test_plan_applies_overrides_and_names():
         (["--space", "synthetic=choice:1"], "unknown preset key 'synthetic'"),
         (["--search", "bayes"], "invalid choice: 'bayes'.*see python -m orchestrator.sweep --help"),
         (["--seeds", "three"], "invalid int value: 'three'"),
+        (["--variants", "gated:norm=middle"], "norm"),
+        (["--amp", "fp8"], "invalid choice: 'fp8'"),
+        (["--task", "classification", "--workers-per-trial", "5"], "batch of 32 .* does not split across 5 workers"),
     ],
 )
 def test_plan_refuses_bad_arguments_with_the_fix(argv, message):
     with pytest.raises(CliError, match=message) as caught:
         make_plan(*argv)
     assert str(caught.value).startswith("error: ")  # one style for argparse's errors and ours
+
+
+def test_plan_takes_variant_specs_amp_and_the_presets_default_arms():
+    p = make_plan("--task", "classification", "--variants", "zero", "gated:norm=inside", "edge_no7", "--amp", "bf16")
+    assert p.variants == ("zero", "gated:norm=inside", "edge_no7") and p.preset.amp == "bf16"
+    assert p.overrides == {"amp": "bf16"} and make_plan("--amp", "off").preset.amp is None
+    thesis = make_plan("--task", "classification", "--preset", "thesis")
+    assert thesis.variants == thesis.preset.variants and "edge_no7" in thesis.variants
+    assert make_plan("--task", "classification", "--workers-per-trial", "2").preset.batch_size % 2 == 0
 
 
 def test_parse_space_reads_every_distribution():
@@ -158,7 +170,7 @@ def test_comparison_mean_std_difference_and_missing_trials():
     assert report.markdown([]) == "(no results)"
 
 
-def test_columns_best_of_each_metric_then_last5_of_the_headline():
+def test_columns_every_metric_at_the_best_epoch_then_last5_of_the_headline():
     assert report.columns(("val/miou", "val/miou_tile")) == ["best/miou", "best/miou_tile", "last5/miou"]
 
 
@@ -168,3 +180,20 @@ def test_summarize_best_and_last_five():
     assert summary["best/top1"] == 50.0 and summary["last5/top1"] == pytest.approx((40 + 30 + 20 + 35 + 45) / 5)
     assert summary["best/top5"] == 60.0
     assert summarize(history[:2], ("val/top1",)) == {"best/top1": 50.0, "last5/top1": 30.0}  # fewer than 5 epochs
+
+
+def test_summarize_reports_every_mode_at_the_headline_best_epoch():
+    """Thesis table 4.4: one model per run in three modes. The tiles peak at epoch 2, the whole image at epoch 1:
+    best/miou_tile is the tiles' value at epoch 1, not their own maximum; ties go to the earliest epoch."""
+    miou = (60.0, 70.0, 65.0, 70.0)
+    tile = (61.0, 69.0, 75.0, 71.0)
+    history = [{"val/miou": m, "val/miou_tile": t} for m, t in zip(miou, tile, strict=True)]
+    summary = summarize(history, ("val/miou", "val/miou_tile"))
+    assert summary == {
+        "best/miou": 70.0,
+        "last5/miou": pytest.approx(sum(miou) / 4),
+        "best/miou_tile": 69.0,  # epoch 1, the first of the two epochs at 70.0
+        "last5/miou_tile": pytest.approx(sum(tile) / 4),
+    }
+    history[0]["val/miou"] = math.nan  # an epoch without a value never wins
+    assert summarize(history[:2], ("val/miou", "val/miou_tile"))["best/miou_tile"] == 69.0

@@ -37,23 +37,23 @@ def runs_of(tmp_path):
 
 @pytest.mark.slow
 def test_grid_sweep_tracks_every_trial_and_resumes_without_duplicates(ray_session, tmp_path, capsys):
-    results = sweep.main([*common(tmp_path, "grid"), "--variants", "zero", "partial", "--seeds", "2"])
-    assert sorted((r.variant, r.seed, r.status) for r in results) == [
-        ("partial", 0, "ok"),
-        ("partial", 1, "ok"),
-        ("zero", 0, "ok"),
-        ("zero", 1, "ok"),
-    ]
+    """Three thesis arms as variant specs (a name, a spec with an option, an alias) x 2 seeds."""
+    arms = ["zero", "gated:norm=inside", "edge_no7"]
+    results = sweep.main([*common(tmp_path, "grid"), "--variants", *arms, "--seeds", "2"])
+    assert sorted((r.variant, r.seed, r.status) for r in results) == sorted((a, s, "ok") for a in arms for s in (0, 1))
     client, runs = runs_of(tmp_path)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
-    assert sorted((r.data.params["variant"], r.data.params["seed"]) for r in children) == [
-        ("partial", "0"),
-        ("partial", "1"),
-        ("zero", "0"),
-        ("zero", "1"),
-    ]
+    assert len(parents) == 1 and len(children) == 6 and len(runs) == 7
+    assert sorted((r.data.params["variant"], r.data.params["seed"]) for r in children) == sorted(
+        (a, str(s)) for a in arms for s in (0, 1)
+    )
+    params = {r.data.params["variant"]: r.data.params for r in children}
+    assert (
+        params["gated:norm=inside"]["variant.base"] == "gated"
+        and params["gated:norm=inside"]["variant.norm"] == "inside"
+    )
+    assert params["edge_no7"]["variant.base"] == "edge" and params["zero"]["variant.base"] == "zero"
     for run in children:
         history = client.get_metric_history(run.info.run_id, "val/top1")
         assert sorted(m.step for m in history) == [0, 1]  # one value per epoch, the epoch as step
@@ -64,14 +64,14 @@ def test_grid_sweep_tracks_every_trial_and_resumes_without_duplicates(ray_sessio
     out = capsys.readouterr().out
     ours = out[out.index("difference to zero") :]  # Ray prints tables of its own before ours
     table = [line for line in ours.splitlines() if line.startswith("| ")]
-    assert [line.split("|")[1].strip() for line in table[1:]] == ["zero", "partial"]
+    assert [line.split("|")[1].strip() for line in table[1:]] == ["zero", "edge_no7", "gated:norm=inside"]
     assert "best/top1 diff to zero" in table[0] and "mlflow ui --backend-store-uri" in out
 
     # Resuming a finished sweep redoes nothing and opens no new MLflow run.
     again = sweep.main([*common(tmp_path, "grid"), "--resume"])
     assert sorted((r.variant, r.seed) for r in again) == sorted((r.variant, r.seed) for r in results)
     _, runs_after = runs_of(tmp_path)
-    assert len(runs_after) == 5
+    assert len(runs_after) == 7
     for run in runs_after:
         if "mlflow.parentRunId" in run.data.tags:
             assert len(client.get_metric_history(run.info.run_id, "val/top1")) == 2
