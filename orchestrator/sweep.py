@@ -652,8 +652,13 @@ def main(argv: list[str] | None = None) -> list[report.TrialResult]:
                 max_failures=p.max_failures,
                 local=p.address is None,
             )
-            space, search_alg, num_samples = build_param_space(
-                p, sweep, data_root=data_root, cache_dir=cache_dir, loader_workers=res.loader_workers
+            # A resumed sweep's trials keep their own configs (see build_tuner): no new search space to build.
+            space, search_alg, num_samples = (
+                ({}, None, 1)
+                if p.resume
+                else build_param_space(
+                    p, sweep, data_root=data_root, cache_dir=cache_dir, loader_workers=res.loader_workers
+                )
             )
             tuner = build_tuner(p, space, search_alg, num_samples, res.max_concurrent)
             log.info(
