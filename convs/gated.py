@@ -44,7 +44,7 @@ class _Gate(torch.autograd.Function):
 class GatedConv2d(ConvReplacement, nn.Conv2d):
     """Gated convolution: feature and gate come from one convolution with twice the output channels.
 
-    norm="outside" (the default, thesis eq. 3.12): the layer returns `act(feature) * sigmoid(gate)` with `act`
+    norm="outside" (gated conv's default, thesis eq. 3.12): the layer returns `act(feature) * sigmoid(gate)` with `act`
     the identity, and the model's own BatchNorm and activation follow as before: `act(BN(feature * gate))`.
     norm="inside" (thesis eq. 3.11): the layer owns the normalisation and activation,
     `act(BN(feature)) * sigmoid(gate)`; `convert` moves the BatchNorm that follows the conv into the layer, and
@@ -67,6 +67,8 @@ class GatedConv2d(ConvReplacement, nn.Conv2d):
     MASK_EVERY_LAYER: ClassVar[bool] = False
     # `from_conv`'s BatchNorm to absorb comes from the site (the module after the conv), never from the user.
     SITE_ARGUMENTS: ClassVar[tuple[str, ...]] = ("bn",)
+    # The norm placement when none is given: eq. 3.12 for gated conv (the thesis' Cityscapes form).
+    DEFAULT_NORM: ClassVar[Literal["outside", "inside"]] = "outside"
 
     def __init__(
         self,
@@ -82,16 +84,12 @@ class GatedConv2d(ConvReplacement, nn.Conv2d):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
-        norm: Literal["outside", "inside"] = "outside",
+        norm: Literal["outside", "inside"] | None = None,
         activation: nn.Module | None = None,
         mask_channel: bool | None = None,
     ) -> None:
         check_padding_mode(padding_mode, type(self).__name__)
-        if norm not in NORM_PLACEMENTS:
-            raise ValueError(
-                f"Invalid norm {norm!r} for {type(self).__name__}. Only 'outside' (thesis eq. 3.12, the default) "
-                "and 'inside' (eq. 3.11) are supported."
-            )
+        norm = self.resolve_norm(norm)
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
@@ -109,6 +107,17 @@ class GatedConv2d(ConvReplacement, nn.Conv2d):
         self.bn = nn.BatchNorm2d(out_channels, **factory) if norm == "inside" else nn.Identity()
         self.act = activation if activation is not None else (nn.ReLU() if norm == "inside" else nn.Identity())
         self._reset_branches()
+
+    @classmethod
+    def resolve_norm(cls, norm: str | None) -> Literal["outside", "inside"]:
+        """`norm`, or the class's DEFAULT_NORM for None; a clear error for anything else."""
+        norm = cls.DEFAULT_NORM if norm is None else norm
+        if norm not in NORM_PLACEMENTS:
+            raise ValueError(
+                f"Invalid norm {norm!r} for {cls.__name__}. Only 'outside' (thesis eq. 3.12) and 'inside' "
+                f"(eq. 3.11) are supported; the default is {cls.DEFAULT_NORM!r}."
+            )
+        return norm
 
     @property
     def mask_channel(self) -> bool:
@@ -132,7 +141,7 @@ class GatedConv2d(ConvReplacement, nn.Conv2d):
         cls,
         conv: nn.Conv2d,
         *,
-        norm: Literal["outside", "inside"] = "outside",
+        norm: Literal["outside", "inside"] | None = None,
         activation: nn.Module | None = None,
         mask_channel: bool | None = None,
         bn: nn.BatchNorm2d | None = None,
@@ -152,8 +161,10 @@ class GatedConv2d(ConvReplacement, nn.Conv2d):
         Args:
             conv: the source convolution (zero padding); it is not modified.
             norm: "outside" (eq. 3.12, the model's own BatchNorm and activation follow) or "inside" (eq. 3.11,
-                the layer owns them).
-            activation: the activation of norm="inside" (default nn.ReLU); the identity for "outside".
+                the layer owns them); None (default): the class's DEFAULT_NORM, "outside" for gated conv and
+                "inside" for the affine variant.
+            activation: the activation of norm="inside" (default: nn.ReLU with a `bn`, the identity without
+                one, so that the layer starts as its source); the identity for "outside".
             mask_channel: take the validity mask as an extra input channel (default: the class's
                 MASK_EVERY_LAYER).
             bn: for norm="inside", the BatchNorm2d (affine) that followed `conv`; a scaled copy moves into the
@@ -188,6 +199,9 @@ class GatedConv2d(ConvReplacement, nn.Conv2d):
             (True, True)
         """
         check_start(start, cls.__name__)
+        norm = cls.resolve_norm(norm)
+        if norm == "inside" and bn is None and activation is None:
+            activation = nn.Identity()  # no BatchNorm to absorb: the source is `conv` alone, so nothing follows it
         layer = cls(
             **conv_kwargs(conv),
             device=conv.weight.device,
@@ -229,7 +243,7 @@ class GatedConv2d(ConvReplacement, nn.Conv2d):
         site: ConvSite,
         *,
         mask_channel: bool = True,
-        norm: Literal["outside", "inside"] = "outside",
+        norm: Literal["outside", "inside"] | None = None,
         activation: nn.Module | None = None,
         **options,
     ) -> dict[nn.Module, nn.Module]:
@@ -241,7 +255,8 @@ class GatedConv2d(ConvReplacement, nn.Conv2d):
             mask_channel: False gives no layer the mask channel; True (default) gives it to the first converted
                 conv only, or to every one for a MASK_EVERY_LAYER class (affine).
             norm: with "inside", a BatchNorm2d registered right after the conv (same parent, as many features as
-                the conv has output channels) moves into the layer, and an nn.Identity takes its place.
+                the conv has output channels) moves into the layer, and an nn.Identity takes its place. None
+                (default): the class's DEFAULT_NORM.
             activation: the activation inside the layer for norm="inside". None (default): the model's own,
                 `site.activation_after_bn` (ReLU where the BatchNorm's only user is a ReLU, the identity where it
                 feeds an addition); the identity where no BatchNorm is absorbed or the site does not say. The
@@ -265,6 +280,7 @@ class GatedConv2d(ConvReplacement, nn.Conv2d):
             >>> changes[conv].act  # the model applied a ReLU after bn
             ReLU()
         """
+        norm = cls.resolve_norm(norm)
         bn = site.following if norm == "inside" and _absorbable(site.following, site.conv) else None
         if norm == "inside" and activation is None:
             # eq. 3.11 holds the activation the source applies right after this BatchNorm, and no other: the identity
@@ -284,7 +300,7 @@ class GatedConv2d(ConvReplacement, nn.Conv2d):
     @classmethod
     def needs_activation_after_bn(cls, **options) -> bool:
         """True for norm="inside" without an explicit `activation`: the layer takes the model's own (see above)."""
-        return options.get("norm") == "inside" and options.get("activation") is None
+        return cls.resolve_norm(options.get("norm")) == "inside" and options.get("activation") is None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", norm={self.norm!r}" + (", mask_channel=True" if self.mask_channel else "")
@@ -354,10 +370,16 @@ class AffineGatedConv2d(GatedConv2d):
     resolution, as an extra input channel (a ones channel without holes, so every layer knows where the border
     is). Feature, gate and shift come from one convolution with three times the output channels. `from_conv`
     starts from the source function: shift weights and bias at zero, gate open as in `GatedConv2d`.
+
+    Its default placement is norm="inside", `act(BN(f)) * sigmoid(g) + shift`: the shift is added after the
+    normalisation, as SPADE modulates after it. With norm="outside" the model's own BatchNorm follows the layer and
+    subtracts each channel's batch mean, so the per-channel constant part of the shift (its bias, and any shift
+    the same everywhere in the image) cancels; only its spatial variation would act.
     """
 
     BRANCHES: ClassVar[tuple[str, ...]] = ("feature", "gate", "shift")
     MASK_EVERY_LAYER: ClassVar[bool] = True
+    DEFAULT_NORM: ClassVar[Literal["outside", "inside"]] = "inside"
 
     def _combine(self, y: torch.Tensor) -> torch.Tensor:
         feature, gate, shift = self._split(y)

@@ -30,8 +30,8 @@ def force_open(layer):
 @pytest.mark.parametrize("cls", GATED)
 @pytest.mark.parametrize("mask_channel", [False, True])
 def test_unified_view_open_gate_is_conv(geometry, mask_channel, cls):
-    """Thesis section 3.4: with the gate forced open and no mask channel, gated conv is nn.Conv2d."""
-    layer = cls(**geometry, mask_channel=mask_channel)
+    """Thesis section 3.4: with the gate forced open and no mask channel, gated conv is nn.Conv2d (eq. 3.12)."""
+    layer = cls(**geometry, mask_channel=mask_channel, norm="outside")
     force_open(layer)
     x = torch.randn(SHAPE[0], geometry["in_channels"], *SHAPE[1:])
     plain = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
@@ -75,6 +75,39 @@ def test_inside_placement_eq_3_11_absorbs_bn(cls):
     feature, gate, *shift = F.conv2d(x, weight, bias, 1, 1).chunk(len(cls.BRANCHES), 1)
     expected = torch.relu(layer.bn(feature)) * torch.sigmoid(gate) + (shift[0] if shift else 0)
     torch.testing.assert_close(layer(x), expected)
+
+
+def test_default_norm_is_outside_for_gated_and_inside_for_affine():
+    assert GatedConv2d(3, 4, 3).norm == "outside" and GatedConv2d.from_conv(nn.Conv2d(3, 4, 3)).norm == "outside"
+    assert AffineGatedConv2d(3, 4, 3).norm == "inside" and AffineGatedConv2d.from_conv(nn.Conv2d(3, 4, 3)).norm == "inside"
+    assert convs.parse_variant("affine").options == {} and convs.parse_variant("affine:norm=outside").options == {
+        "norm": "outside"
+    }
+
+
+def _shift_effect(norm: str) -> float:
+    """How much a model's training-mode output moves when every affine layer's shift bias grows by 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    convs.convert(model, f"affine:norm={norm}")
+    x = torch.randn(4, 3, 12, 12)
+    before = model.train()(x)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, AffineGatedConv2d):
+                layer.shift_bias.add_(1.0)
+    return (model(x) - before).abs().max().item()
+
+
+def test_affine_shift_acts_after_the_batch_norm_by_default():
+    """SPADE-style: inside, the shift follows the BatchNorm and changes the output. Outside, the model's own
+    BatchNorm comes after the shift and subtracts each channel's batch mean, so a constant shift cancels: the
+    reason `inside` is the affine default."""
+    assert _shift_effect("inside") > 0.5
+    assert _shift_effect("outside") < 1e-5
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    convs.convert(model, "affine")
+    assert isinstance(model[0], AffineGatedConv2d) and model[0].norm == "inside" and isinstance(model[1], nn.Identity)
 
 
 @pytest.mark.parametrize("cls", GATED)
