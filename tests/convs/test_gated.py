@@ -79,10 +79,9 @@ def test_inside_placement_eq_3_11_absorbs_bn(cls):
 
 def test_default_norm_is_outside_for_gated_and_inside_for_affine():
     assert GatedConv2d(3, 4, 3).norm == "outside" and GatedConv2d.from_conv(nn.Conv2d(3, 4, 3)).norm == "outside"
-    assert AffineGatedConv2d(3, 4, 3).norm == "inside" and AffineGatedConv2d.from_conv(nn.Conv2d(3, 4, 3)).norm == "inside"
-    assert convs.parse_variant("affine").options == {} and convs.parse_variant("affine:norm=outside").options == {
-        "norm": "outside"
-    }
+    assert AffineGatedConv2d(3, 4, 3).norm == "inside"
+    assert AffineGatedConv2d.from_conv(nn.Conv2d(3, 4, 3)).norm == "inside"
+    assert convs.parse_variant("affine:norm=outside").options == {"norm": "outside"}
 
 
 def _shift_effect(norm: str) -> float:
