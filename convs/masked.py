@@ -50,6 +50,11 @@ class Masked(nn.Module):
         self.model = model
         self._layers = frozenset(id(m) for m in model.modules() if isinstance(m, MASK_AWARE))
 
+    @property
+    def mask_aware(self) -> bool:
+        """Whether the model has a layer that takes the mask (partial, gated, affine); zero and edge have none."""
+        return bool(self._layers)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *args, return_masks: bool = False, **kwargs):
         """`model(x, *args, **kwargs)` with `mask` flowing; with `return_masks`, also {(H, W): mask} of the pass.
 

@@ -29,6 +29,7 @@ import convs
 from tasks import Evaluation, Preset, Task, autocast, default_cache_dir, ensure_synthetic, get_task
 
 from .config import TrialConfig
+from .report import summary_name
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -108,6 +109,47 @@ def variant_options(cfg: TrialConfig, preset: Preset) -> dict[str, Any]:
     return options
 
 
+class MaskInput(nn.Module):
+    """`forward(images, masks)` for a task whose inputs carry validity masks (`Task.takes_masks`).
+
+    Mask-aware layers (partial, gated, affine) get the masks through `convs.Masked`; a model without any (zero,
+    edge) sees the pixels only, so its occluded pixels are plain pixels. Convert first, then wrap.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        masked = convs.Masked(model)
+        self.mask_aware = masked.mask_aware
+        self.net = masked if self.mask_aware else model
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> Any:
+        return self.net(images, masks) if self.mask_aware else self.net(images)
+
+
+def to_device(inputs: Any, device: torch.device) -> Any:
+    """A tensor, or a tuple/list of tensors (a task's several inputs), moved to `device`."""
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(to_device(x, device) for x in inputs)
+    return inputs.to(device, non_blocking=True)
+
+
+def forward(net: nn.Module, inputs: Any) -> Any:
+    """`net(inputs)`, or `net(*inputs)` for a task whose batches carry several inputs (images and masks)."""
+    return net(*inputs) if isinstance(inputs, tuple | list) else net(inputs)
+
+
+def set_epoch(loader: Any, epoch: int) -> None:
+    """Give the loader's sampler (or batch sampler) the epoch, for a different, seeded order every epoch."""
+    for sampler in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+
+def evaluates(epoch: int, preset: Preset) -> bool:
+    """Whether the loop evaluates after `epoch` (0-based): every `preset.eval_every` epochs and after the last."""
+    return (epoch + 1) % preset.eval_every == 0 or epoch == preset.epochs - 1
+
+
 def train_one_epoch(
     model: nn.Module,
     task: Task,
@@ -126,13 +168,12 @@ def train_one_epoch(
     model.train()
     if scaler is None:
         scaler = torch.amp.GradScaler(device.type, enabled=False)
-    if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)  # a different, seeded order every epoch
+    set_epoch(loader, epoch)
     total, count = 0.0, 0
-    for images, targets in itertools.islice(loader, preset.max_batches):
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    for inputs, targets in itertools.islice(loader, preset.max_batches):
+        inputs, targets = to_device(inputs, device), to_device(targets, device)
         with autocast(device, preset.amp):
-            loss = task.loss(model(images), targets)
+            loss = task.loss(forward(model, inputs), targets, preset)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -151,8 +192,9 @@ def log_epoch_line(
     cfg: TrialConfig, task: Task, metrics: dict[str, float], *, epochs: int, images_per_s: float, left_s: float
 ) -> None:
     """One INFO line per epoch: who (task, variant, seed), where (epoch k/N), how well and how fast, time left."""
+    headline = f"{metrics[task.metric]:.2f}" if task.metric in metrics else "(not evaluated this epoch)"
     logger.info(
-        "%s %s seed %d: epoch %d/%d  train/loss %.4f  %s %.2f  %.0f images/s  about %s left",
+        "%s %s seed %d: epoch %d/%d  train/loss %.4f  %s %s  %.0f images/s  about %s left",
         task.name,
         cfg.variant,
         cfg.seed,
@@ -160,7 +202,7 @@ def log_epoch_line(
         epochs,
         metrics["train/loss"],
         task.metric,
-        metrics[task.metric],
+        headline,
         images_per_s,
         datetime.timedelta(seconds=round(left_s)),
     )
@@ -168,15 +210,16 @@ def log_epoch_line(
 
 def log_missing_epochs(tracker: Tracker, history: list[dict[str, float]], task: Task) -> None:
     """Log the epochs of a resumed trial's history that its tracker lacks (the worker died before logging them)."""
-    logged = tracker.logged_epochs(task.metric)
+    logged = tracker.logged_epochs("train/loss")  # every epoch has it, evaluated or not (`preset.eval_every`)
     for i, entry in enumerate(history):
         if int(entry["epoch"]) not in logged:
             tracker.log_epoch({**entry, **summarize(history[: i + 1], task.table_metrics)}, int(entry["epoch"]))
 
 
 def best_epoch(history: list[dict[str, float]], metric: str) -> int:
-    """The index in `history` of the best `metric` (the earliest on ties; a NaN never wins)."""
-    values = [h[metric] for h in history]
+    """The index in `history` of the best `metric` (the earliest on ties; a NaN, or an epoch without it, never
+    wins); `history` must hold at least one epoch with `metric`."""
+    values = [h.get(metric, math.nan) for h in history]
     return max(range(len(values)), key=lambda i: -math.inf if math.isnan(values[i]) else values[i])
 
 
@@ -185,12 +228,16 @@ def summarize(history: list[dict[str, float]], metrics: tuple[str, ...]) -> dict
 
     The best epoch is the one of the headline `metrics[0]` for every metric: one model per run, evaluated in
     each mode (thesis table 4.4: whole image, tiles, overlapping tiles of the same model), not each mode's own
-    maximum over epochs.
+    maximum over epochs. Only evaluated epochs count (`preset.eval_every`): the last 5 are the last 5
+    evaluations. Empty when no epoch has been evaluated yet.
     """
+    history = [h for h in history if metrics[0] in h]
+    if not history:
+        return {}
     best = history[best_epoch(history, metrics[0])]
     summary = {}
     for metric in metrics:
-        name = metric.split("/", 1)[-1]
+        name = summary_name(metric)
         summary[f"best/{name}"] = best[metric]
         summary[f"last5/{name}"] = statistics.fmean(h[metric] for h in history[-5:])
     return summary
@@ -235,9 +282,12 @@ def train(
     if preset.sync_bn and world_size > 1 and device.type == "cuda":  # PyTorch's SyncBatchNorm runs on GPUs only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    net = model
+    # What the task calls: the model, or for a task with masks in its inputs the model taking (images, masks).
+    eval_net = MaskInput(model) if getattr(task, "takes_masks", False) else model
+    net = eval_net
     if world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(eval_net, device_ids=device_ids)
     optimizer = build_optimizer(model, preset)
     scheduler = build_scheduler(optimizer, preset)
     scaler = torch.amp.GradScaler(device.type, enabled=preset.amp == "fp16")  # fp16 underflows unscaled
@@ -257,7 +307,7 @@ def train(
     own = tempfile.TemporaryDirectory() if workdir is None else None
     workdir = Path(own.name) if own else Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    best_value = max((h[task.metric] for h in history), default=float("-inf"))
+    best_value = max((h[task.metric] for h in history if task.metric in h), default=float("-inf"))
     if rank == 0 and tracker is not None and history:
         log_missing_epochs(tracker, history, task)
     images_per_epoch = train_batches(train_loader, preset) * preset.batch_size  # global batches; drop_last: all full
@@ -276,11 +326,13 @@ def train(
             metrics["time/epoch_s"] = time.perf_counter() - epoch_start
             checkpoint_dir = None
             if rank == 0:
-                evaluation = task.evaluate(model, val_loader, device, preset)
-                metrics.update({k: float(v) for k, v in evaluation.scalars.items()})
+                evaluation = None
+                if evaluates(epoch, preset):
+                    evaluation = task.evaluate(eval_net, val_loader, device, preset)
+                    metrics.update({k: float(v) for k, v in evaluation.scalars.items()})
                 history.append(dict(metrics))
                 metrics.update(summarize(history, task.table_metrics))
-                if metrics[task.metric] > best_value:
+                if evaluation is not None and metrics[task.metric] > best_value:
                     best_value = metrics[task.metric]
                     best = save_checkpoint(
                         {"model": model.state_dict(), "epoch": epoch, "metrics": metrics, "config": cfg.params()},

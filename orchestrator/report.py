@@ -17,9 +17,15 @@ class TrialResult:
     status: str = "ok"  # ok | failed | interrupted: such a trial stays in the table, never silently dropped
 
 
+def summary_name(metric: str) -> str:
+    """The name of a metric in a run's summary (`best/<name>`, `last5/<name>`): the metric without its `val/`
+    prefix ("val/top1" -> "top1"); other metrics keep their full key ("test_low/instance_top1")."""
+    return metric.removeprefix("val/")
+
+
 def columns(table_metrics: tuple[str, ...]) -> list[str]:
     """The closing table's columns: every table metric at the headline's best epoch, then the headline's last-5 mean."""
-    names = [m.split("/", 1)[-1] for m in table_metrics]
+    names = [summary_name(m) for m in table_metrics]
     return [*(f"best/{n}" for n in names), f"last5/{names[0]}"]
 
 
@@ -57,6 +63,26 @@ def comparison(results: list[TrialResult], columns: list[str], *, baseline: str 
             base = means.get((baseline, column), math.nan)
             row[f"{column} diff to {baseline}"] = row[f"{column} mean"] - base
     return rows
+
+
+def layout_table(results: list[TrialResult], cells: tuple[tuple[str, str], ...], *, baseline: str = "zero") -> str:
+    """A thesis-layout table (e.g. tables 4.5/4.6: occlusion level x k): one row per variant, one column per
+    (header, table metric) of `cells`, each cell the mean over the variant's finished seeds at the headline's best
+    epoch, with the std over seeds (n-1) when there are several; `seeds` counts them (failed or unfinished trials
+    are not averaged in, and show in the full comparison)."""
+    variants = sorted({r.variant for r in results}, key=lambda v: (v != baseline, v))
+    rows = []
+    for variant in variants:
+        done = [r for r in results if r.variant == variant and r.status == "ok"]
+        row = [variant, f"{len(done)}/{sum(r.variant == variant for r in results)}"]
+        for _, metric in cells:
+            values = [
+                r.metrics[f"best/{summary_name(metric)}"] for r in done if f"best/{summary_name(metric)}" in r.metrics
+            ]
+            mean, std = _mean_std(values)
+            row.append("n/a" if math.isnan(mean) else f"{mean:.1f}" + (f"±{std:.1f}" if len(values) > 1 else ""))
+        rows.append(row)
+    return markdown_table(["variant", "seeds", *(header for header, _ in cells)], rows)
 
 
 def _fmt(value) -> str:

@@ -490,7 +490,7 @@ def build_param_space(
     for key, (dist, dist_args) in p.space.items():
         space[f"space.{key}"] = distributions[dist](*dist_args)
     repeat = len(p.variants) * len(p.seeds)
-    metric = f"best/{tasks.get_task(p.task).metric.split('/')[-1]}"
+    metric = f"best/{report.summary_name(tasks.get_task(p.task).metric)}"
     search = Repeater(OptunaSearch(metric=metric, mode="max", seed=0), repeat=repeat, set_index=True)
     return space, search, p.num_samples * repeat
 
@@ -567,13 +567,18 @@ def collect_results(grid, p: Plan) -> list[report.TrialResult]:
     return results
 
 
-def finish_sweep(
-    p: Plan, results: list[report.TrialResult], experiment_id: str, parent: str, table_metrics: tuple[str, ...]
-) -> str:
+def layout_tables(task: tasks.Task, results: list[report.TrialResult]) -> dict[str, str]:
+    """The task's thesis-layout tables (title -> Markdown), for a task that declares `closing_tables`."""
+    return {title: report.layout_table(results, cells) for title, cells in getattr(task, "closing_tables", {}).items()}
+
+
+def finish_sweep(p: Plan, results: list[report.TrialResult], experiment_id: str, parent: str, task: tasks.Task) -> str:
     """Log the comparison to the parent run and end it (FINISHED, FAILED or KILLED); return the status."""
-    rows = report.comparison(results, report.columns(table_metrics))
+    rows = report.comparison(results, report.columns(task.table_metrics))
     tracking.log_text(p.tracking_uri, parent, report.markdown(rows), "comparison.md")
     tracking.log_text(p.tracking_uri, parent, report.to_csv(rows), "comparison.csv")
+    for i, (title, table) in enumerate(layout_tables(task, results).items()):
+        tracking.log_text(p.tracking_uri, parent, f"{title}\n\n{table}\n", f"table-{i + 1}.md")
     statuses = {r.status for r in results}
     status = "KILLED" if "interrupted" in statuses else "FAILED" if "failed" in statuses else "FINISHED"
     end_sweep_run(p, experiment_id, parent, status)
@@ -588,16 +593,29 @@ def end_sweep_run(p: Plan, experiment_id: str, parent: str, status: str) -> None
     tracking.finish_run(p.tracking_uri, parent, status)
 
 
-def closing_lines(p: Plan, results: list[report.TrialResult], experiment_id: str, table_metrics) -> str:
-    """The comparison table and what to do next: resume an unfinished sweep, open the MLflow UI."""
-    rows = report.comparison(results, report.columns(table_metrics))
-    lines = [
-        f"\n{p.task}: {', '.join(table_metrics)} per variant (best epoch by {table_metrics[0]}, every column at that "
-        "epoch; last5: mean of the last 5 epochs), mean and std over seeds, difference to zero; batch "
-        f"{p.preset.batch_size} global ({p.preset.batch_size // p.workers_per_trial} per worker x "
-        f"{p.workers_per_trial})\n",
-        report.markdown(rows),
-    ]
+def closing_lines(p: Plan, results: list[report.TrialResult], experiment_id: str, task: tasks.Task) -> str:
+    """The comparison table (or the task's thesis-layout tables) and what to do next: resume an unfinished
+    sweep, open the MLflow UI."""
+    table_metrics = task.table_metrics
+    batch = (
+        f"batch {p.preset.batch_size} global ({p.preset.batch_size // p.workers_per_trial} per worker x "
+        f"{p.workers_per_trial})"
+    )
+    layouts = layout_tables(task, results)
+    if layouts:
+        lines = [
+            f"\n{p.task}: per variant, mean±std over finished seeds at the best epoch by {table_metrics[0]}; {batch}. "
+            "The full table (every seed, last-5 means, differences to zero) is the sweep run's comparison.md."
+        ]
+        for title, table in layouts.items():
+            lines += [f"\n{title}\n", table]
+    else:
+        rows = report.comparison(results, report.columns(table_metrics))
+        lines = [
+            f"\n{p.task}: {', '.join(table_metrics)} per variant (best epoch by {table_metrics[0]}, every column at "
+            f"that epoch; last5: mean of the last 5 epochs), mean and std over seeds, difference to zero; {batch}\n",
+            report.markdown(rows),
+        ]
     failed = sum(r.status == "failed" for r in results)
     interrupted = sum(r.status == "interrupted" for r in results)
     if failed:
@@ -680,8 +698,8 @@ def main(argv: list[str] | None = None) -> list[report.TrialResult]:
                     f"--name {p.name} --storage {p.storage}"
                 ) from None
             raise
-        finish_sweep(p, results, experiment_id, parent, task.table_metrics)
-        print(closing_lines(p, results, experiment_id, task.table_metrics), flush=True)
+        finish_sweep(p, results, experiment_id, parent, task)
+        print(closing_lines(p, results, experiment_id, task), flush=True)
         return results
     finally:
         if own_ray:

@@ -13,7 +13,10 @@ from .evaluation import ClassTable, ConfusionMatrix, Evaluation
 from .preset import Preset, PresetError
 from .segmentation import SegmentationPreset, SegmentationTask
 
-TASKS: dict[str, type[Task]] = {"classification": ClassificationTask, "segmentation": SegmentationTask}
+TASKS: dict[str, type[Task]] = {
+    "classification": ClassificationTask,
+    "segmentation": SegmentationTask,
+}
 
 
 def get_task(name: str) -> Task:

@@ -16,6 +16,9 @@ from .preset import Preset
 class Task(Protocol):
     """A task: presets, real-data layout check, synthetic stand-in, loaders, model, loss and evaluation.
 
+    Optional: `closing_tables` (title -> ((column header, table metric), ...)) asks the sweep to close with
+    tables in the thesis' layout (hotels: occlusion level x k) instead of the one wide comparison.
+
     Tasks never import ray, mlflow or the orchestrator. Each lives in its own package with the same files
     (`data`, `synthetic`, `model`, `metrics`, `presets`, `task`), so a new task starts as a copy of a folder.
     """
@@ -27,6 +30,9 @@ class Task(Protocol):
     metric: ClassVar[str]  # the headline metric key, e.g. "val/top1" (higher is better)
     table_metrics: ClassVar[tuple[str, ...]]  # summarized per run at the headline's best epoch and last-5; headline 1st
     layout: ClassVar[str]  # the expected on-disk layout, shown when a data root does not match
+    # True: a batch is `((images, masks), targets)` and the model the task gets is called `model(images, masks)`;
+    # the loop passes the masks to mask-aware layers (convs.Masked) and drops them for zero and edge.
+    takes_masks: ClassVar[bool]
 
     def check_layout(self, root: Path) -> None:
         """Raise `LayoutError`, showing `layout`, unless `root` holds the real dataset's on-disk layout."""
@@ -36,8 +42,11 @@ class Task(Protocol):
 
     def build_loaders(
         self, root: Path, preset: Preset, *, rank: int, world_size: int, seed: int, workers: int
-    ) -> tuple[DataLoader, DataLoader]:
-        """The training loader sharded over `world_size` workers (seeded order) and the whole validation loader."""
+    ) -> tuple[DataLoader, Any]:
+        """The training loader sharded over `world_size` workers (seeded order), and what `evaluate` reads: the
+        whole validation loader, or the task's own bundle of loaders (hotels: the gallery and each test set).
+
+        A training batch is `(inputs, targets)`: `inputs` a tensor, or a tuple the model takes as arguments."""
 
     def num_classes(self, root: Path) -> int:
         """The number of classes of the dataset at `root`."""
@@ -45,8 +54,9 @@ class Task(Protocol):
     def build_model(self, preset: Preset, *, num_classes: int) -> nn.Module:
         """An untrained model with plain `nn.Conv2d` layers (the loop converts them to the trial's variant)."""
 
-    def loss(self, output: Any, target: torch.Tensor) -> torch.Tensor:
-        """The training loss of a batch's model output."""
+    def loss(self, output: Any, target: torch.Tensor, preset: Preset) -> torch.Tensor:
+        """The training loss of a batch's model output (the preset gives its settings, e.g. a triplet margin)."""
 
-    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device, preset: Preset) -> Evaluation:
-        """Evaluate on the validation loader (at most `preset.max_batches` batches); `metric` among the scalars."""
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device, preset: Preset) -> Evaluation:
+        """Evaluate on what `build_loaders` returned second; `metric` among the scalars. Called on rank 0 after
+        every `preset.eval_every` epochs and after the last."""

@@ -29,7 +29,7 @@ class LayoutError(ValueError):
     """A data root that does not hold the dataset's expected on-disk layout."""
 
 
-def _seed_worker(worker_id: int) -> None:
+def seed_worker(worker_id: int) -> None:
     """DataLoader worker seeding from torch's per-worker seed, so augmentation is reproducible."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
@@ -55,7 +55,7 @@ def sharded_loaders(
     per_worker = preset.batch_size // world_size
     sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     generator = torch.Generator().manual_seed(seed)
-    common = dict(num_workers=workers, worker_init_fn=_seed_worker, generator=generator, pin_memory=False)
+    common = dict(num_workers=workers, worker_init_fn=seed_worker, generator=generator, pin_memory=False)
     train_loader = DataLoader(train, batch_size=per_worker, sampler=sampler, drop_last=True, **common)
     if len(train_loader) == 0:
         raise LayoutError(

@@ -174,6 +174,7 @@ class Preset:
     image_size: int = 224  # training crop side in pixels
     max_batches: int | None = None  # cap on batches per epoch and per evaluation (smoke tests)
     eval_batch_size: int | None = None  # validation batch size on rank 0 (None: the per-worker training batch)
+    eval_every: int = 1  # evaluate every this many epochs, and always after the last one
     sync_bn: bool = False  # synchronized BatchNorm across the Ray Train workers (used on GPUs)
     amp: str | None = None  # mixed precision: None = fp32 (the thesis), "bf16", or "fp16" (GPUs, with loss scaling)
     variants: tuple[str, ...] = ("zero", "partial", "gated", "edge", "affine")  # specs a sweep runs by default
@@ -197,6 +198,7 @@ class Preset:
         "image_size": Integer(1, example="image_size=224"),
         "max_batches": Integer(1, optional=True, example="max_batches=8, or None for whole epochs"),
         "eval_batch_size": Integer(1, optional=True, example="eval_batch_size=8, or None for batch_size"),
+        "eval_every": Integer(1, example="eval_every=2"),
         "sync_bn": Flag(example="sync_bn=True"),
         "amp": Choice(("bf16", "fp16"), optional=True, example='amp="bf16", or None for fp32'),
         # names only: the sweep checks each spec against convs (tasks never import convs)

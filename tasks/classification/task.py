@@ -27,6 +27,7 @@ class ClassificationTask:
     table_metrics: ClassVar[tuple[str, ...]] = ("val/top1",)
     variants: ClassVar[tuple[str, ...]] = ("zero", "partial", "gated", "edge", "affine")
     layout: ClassVar[str] = data.LAYOUT
+    takes_masks: ClassVar[bool] = False
 
     def check_layout(self, root: Path) -> None:
         """Raise `LayoutError` showing the expected layout unless `root` holds an ImageNet-style tree."""
@@ -52,7 +53,7 @@ class ClassificationTask:
         """torchvision's `preset.model`, untrained, with `num_classes` outputs."""
         return build_model(preset, num_classes=num_classes)
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def loss(self, output: torch.Tensor, target: torch.Tensor, preset: ClassificationPreset) -> torch.Tensor:
         """Cross-entropy of the logits."""
         return F.cross_entropy(output, target)
 

@@ -27,6 +27,7 @@ class SegmentationTask:
     table_metrics: ClassVar[tuple[str, ...]] = tuple(metrics.EVAL_MODES.values())
     variants: ClassVar[tuple[str, ...]] = ("zero", "partial", "gated", "edge", "affine")
     layout: ClassVar[str] = data.LAYOUT
+    takes_masks: ClassVar[bool] = False
 
     def check_layout(self, root: Path) -> None:
         """Raise `LayoutError` showing the expected layout unless `root` holds Cityscapes' fine train/val folders."""
@@ -52,7 +53,7 @@ class SegmentationTask:
         """DeepLabV3+ on the preset's ResNet backbone, with `preset.model_options` (output stride, head widths)."""
         return DeepLabV3Plus(preset.model, num_classes=num_classes, **preset.model_options)
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def loss(self, output: torch.Tensor, target: torch.Tensor, preset: SegmentationPreset) -> torch.Tensor:
         """Per-pixel cross-entropy; label 255 is ignored."""
         return F.cross_entropy(output, target, ignore_index=data.IGNORE)
 

@@ -24,6 +24,7 @@ BAD = {
     "image_size": [0, -32, 32.5],
     "max_batches": [0, -1, 1.5, True],
     "eval_batch_size": [0, 2.5, False],
+    "eval_every": [0, -1, 1.5, True, None],
     "sync_bn": [1, "yes", None],
     "amp": ["fp32", "BF16", "", True, 16],
     "variants": [(), [], "zero", ("zero", ""), ("zero", 3), ("zero", "zero"), None],
@@ -37,6 +38,15 @@ BAD = {
     "class_uniform": [-0.1, 1.5, math.nan, True, None, "0.5"],
     "color_jitter": [-0.25, 0.6, math.inf, None],
     "gaussian_blur": [1, 0, "yes", None],
+    "embedding_dim": [0, 2.5, None],
+    "margin": [0, -0.1, math.nan, None],
+    "hotels_per_batch": [1, 0, 2.5, None],
+    "images_per_hotel": [1, 0, 2.5, None],
+    "min_images": [0, 1.5, None, 2],  # 2: fewer than images_per_hotel, so no batch could be filled
+    "occlusion_prob": [-0.1, 1.5, math.nan, None],
+    "occluder_scale": [(0, 0.5), (0.7, 0.3), (0.3, 1.5), None],
+    "index": ["ivfpq", "", None],
+    "index_options": [None, "nprobe=8"],
 }
 CASES = [
     pytest.param(name, key, value, id=f"{name}-{key}={value!r}")
