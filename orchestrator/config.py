@@ -16,6 +16,7 @@ class TrialConfig:
     preset: str = "smoke"  # a key of the task's presets
     overrides: dict[str, Any] = field(default_factory=dict)  # preset fields to change (--epochs, --space ...)
     variant_options: dict[str, Any] = field(default_factory=dict)  # passed to convs.convert
+    init: str = "scratch"  # where the weights start (--init): scratch, a checkpoint path, runs:/<id>, torchvision:<W>
     data_root: str | None = None  # real data; None = the synthetic stand-in, generated once into cache_dir
     cache_dir: str | None = None  # where the synthetic dataset lives (None = tasks.default_cache_dir())
     loader_workers: int = 2  # DataLoader processes per Ray Train worker
@@ -57,7 +58,7 @@ class SweepSettings:
     tracking_uri: str  # MLflow store, absolute (Ray workers run in other folders)
     experiment_id: str  # the task's MLflow experiment
     parent_run_id: str  # the sweep's MLflow run; trial runs nest under it
-    variants: list[str]  # in grid order: Optuna's Repeater index maps to (variant, seed) through these
+    variants: list[str]  # in grid order: Optuna's Repeater index maps to (variant, init, seed) through these
     seeds: list[int]
     train_storage: str  # where each trial's Ray Train run keeps its checkpoints
     workers_per_trial: int = 1  # Ray Train workers (DDP) per trial
@@ -65,6 +66,7 @@ class SweepSettings:
     gpus_per_worker: float = 0.0
     max_failures: int = 2  # restarts of a crashed Train run from its last checkpoint
     local: bool = False  # a Ray started on this machine: one node, nothing to be preempted
+    inits: list[str] = field(default_factory=lambda: ["scratch"])  # --init sources, a grid axis like the variants
 
     KEY: ClassVar[str] = "__sweep"  # its key in a trial's config (TrialConfig ignores "__" keys)
 
@@ -80,16 +82,23 @@ class SweepSettings:
             raise ValueError(f"Unknown sweep setting(s) {unknown}. Known settings: {', '.join(sorted(known))}.")
         return cls(**values)
 
-    def identity(self, config: dict[str, Any]) -> tuple[str, int]:
-        """(variant, seed) of a trial's config: from the grid, or from Repeater's `__trial_index__` (Optuna)."""
+    def identity(self, config: dict[str, Any]) -> tuple[str, str, int]:
+        """(variant, init, seed) of a trial's config: from the grid, or from Repeater's `__trial_index__` (Optuna:
+        variant-major, then init, then seed)."""
         if "__trial_index__" in config:
             index = config["__trial_index__"]
-            return self.variants[index // len(self.seeds)], self.seeds[index % len(self.seeds)]
-        return config["variant"], config["seed"]
+            per_variant = len(self.inits) * len(self.seeds)
+            rest = index % per_variant
+            return (
+                self.variants[index // per_variant],
+                self.inits[rest // len(self.seeds)],
+                self.seeds[rest % len(self.seeds)],
+            )
+        return config["variant"], config.get("init", "scratch"), config["seed"]
 
     def trial_config(self, config: dict[str, Any]) -> TrialConfig:
-        """The TrialConfig of a Tune trial's config, variant and seed included."""
-        variant, seed = self.identity(config)
+        """The TrialConfig of a Tune trial's config, variant, init and seed included."""
+        variant, init, seed = self.identity(config)
         values = {k: v for k, v in config.items() if not k.startswith("__")}
-        values.update(variant=variant, seed=seed, tracking_uri=self.tracking_uri)
+        values.update(variant=variant, init=init, seed=seed, tracking_uri=self.tracking_uri)
         return TrialConfig.from_dict(values)

@@ -30,6 +30,7 @@ from tasks import Evaluation, Preset, Task, autocast, default_cache_dir, ensure_
 
 from .config import TrialConfig
 from .report import summary_name
+from .weights import initialize, parse_init
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -278,7 +279,7 @@ def train(
         root, preset, rank=rank, world_size=world_size, seed=cfg.seed, workers=cfg.loader_workers
     )
     model = task.build_model(preset, num_classes=task.num_classes(root))
-    convs.convert(model, cfg.variant, **variant_options(cfg, preset))
+    initialize(model, task, cfg.variant, variant_options(cfg, preset), parse_init(cfg.init), cfg.tracking_uri)
     if preset.sync_bn and world_size > 1 and device.type == "cuda":  # PyTorch's SyncBatchNorm runs on GPUs only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)

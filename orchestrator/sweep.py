@@ -28,7 +28,7 @@ import convs
 import tasks
 from tasks import LayoutError, Preset, default_cache_dir, ensure_synthetic
 
-from . import report, tracking
+from . import report, tracking, weights
 from .cli import ArgumentParser, CliError, setup_logging
 from .config import SweepSettings
 
@@ -56,6 +56,14 @@ def get_args_parser() -> ArgumentParser:
         f"(default: the preset's list; names: {', '.join(convs.VARIANTS)}; aliases: {', '.join(convs.ALIASES)})",
     )
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="run seeds 0..N-1 per variant (default 3)")
+    p.add_argument(
+        "--init",
+        nargs="+",
+        metavar="SOURCE",
+        help="where the weights start, a grid axis like --variants: scratch (default), a checkpoint path, "
+        "runs:/<run_id> (a trial of this project) or torchvision:<Weights>.<NAME> from the local torch cache; a "
+        "plain model converts to any variant (new filters start as copies), a converted one loads into its own",
+    )
     p.add_argument("--preset", help="recipe: thesis, cpu or smoke (default: thesis with a GPU, cpu without)")
     p.add_argument("--epochs", type=int, metavar="N", help="override the preset's number of epochs")
     p.add_argument(
@@ -171,6 +179,7 @@ class Plan:
     max_concurrent: int | None = None  # None: as many trials as the cluster fits
     max_failures: int = 2
     space_args: tuple[str, ...] = field(default=())  # the --space strings as typed, for the parent run's params
+    inits: tuple[str, ...] = ("scratch",)  # --init sources (file paths absolute), a grid axis
     args: dict[str, Any] = field(default_factory=dict)  # the command line, paths absolute: saved for --resume
 
     @property
@@ -224,6 +233,7 @@ def plan(args: Any, *, cuda: bool, now: float | None = None) -> Plan:
             f"the batch of {preset.batch_size} (global, as in the thesis) does not split across "
             f"{args.workers_per_trial} workers per trial; pick --workers-per-trial dividing it"
         )
+    inits = parse_inits(getattr(args, "init", None))
     space = parse_space(args.space, preset)
     if args.search == "optuna" and not space:
         raise CliError("--search optuna needs at least one --space KEY=DIST (e.g. --space lr=loguniform:1e-4:1e-1)")
@@ -252,6 +262,7 @@ def plan(args: Any, *, cuda: bool, now: float | None = None) -> Plan:
         max_concurrent=args.max_concurrent,
         max_failures=args.max_failures,
         space_args=tuple(args.space),
+        inits=inits,
         args={**vars(args), **paths, "name": args.name or f"{task.name}-{preset_name}-{stamp}"},
     )
 
@@ -273,6 +284,20 @@ def resumed_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> a
             "Drop them, or start a new sweep under another --name."
         )
     return argparse.Namespace(**{**vars(args), **{k: v for k, v in stored.items() if k not in RESUMABLE}})
+
+
+def parse_inits(values: list[str] | None) -> tuple[str, ...]:
+    """The --init sources, checked for form (what they name is checked by `check_services`); paths absolute."""
+    inits = []
+    for value in values or [weights.SCRATCH]:
+        try:
+            init = weights.parse_init(value)
+        except weights.InitError as e:
+            raise CliError(str(e)) from None
+        inits.append(str(Path(init.target).resolve()) if init.kind == "file" else init.spec)
+    if len(set(inits)) != len(inits):
+        raise CliError(f"--init lists a source twice: {' '.join(values or [])}")
+    return tuple(inits)
 
 
 def _absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
@@ -370,16 +395,30 @@ def save_args(p: Plan) -> None:
     fs.move(path + ".tmp", path)
 
 
-def prepare_data(p: Plan) -> tuple[str | None, str | None]:
-    """(data_root, cache_dir): the real data's layout checked, or the synthetic stand-in generated once, here."""
+@dataclass(frozen=True)
+class Data:
+    """Where the trials read their data, and what preparing it found (artifacts for the sweep's run)."""
+
+    data_root: str | None  # the real dataset, or None for the synthetic stand-in in cache_dir
+    cache_dir: str | None
+    report: dict[str, str] = field(default_factory=dict)  # artifact path -> text, from the task's data_report
+
+
+def prepare_data(p: Plan) -> Data:
+    """The real data's layout checked, or the synthetic stand-in generated once, here; and the task's report on
+    it (hotels: what cleaning dropped and which listed images are missing), when the task gives one."""
     task = tasks.get_task(p.task)
     try:
         if p.data_root:
             task.check_layout(Path(p.data_root))
-            return p.data_root, None
-        cache_dir = default_cache_dir().resolve()
-        ensure_synthetic(task, p.preset, cache_dir)  # once, here, before trials start
-        return None, str(cache_dir)
+            root, data = Path(p.data_root), Data(p.data_root, None)
+        else:
+            cache_dir = default_cache_dir().resolve()
+            root = ensure_synthetic(task, p.preset, cache_dir)  # once, here, before trials start
+            data = Data(None, str(cache_dir))
+        if hasattr(task, "data_report"):
+            data = Data(data.data_root, data.cache_dir, task.data_report(root, p.preset))
+        return data
     except LayoutError as e:
         raise CliError(str(e)) from None
 
@@ -390,6 +429,11 @@ def check_services(p: Plan) -> None:
         tracking.check_tracking_uri(p.tracking_uri)
     except tracking.TrackingError as e:
         raise CliError(str(e)) from None
+    for init in p.inits:
+        try:
+            weights.check_init(weights.parse_init(init), p.tracking_uri)
+        except weights.InitError as e:
+            raise CliError(str(e)) from None
     check_address(p.address)
 
 
@@ -436,7 +480,7 @@ def trial_resources(p: Plan, cluster: dict[str, float]) -> Resources:
     return Resources(gpus, p.max_concurrent or max(1, fits), loader_workers)
 
 
-def open_sweep_run(p: Plan, res: Resources, data_root: str | None) -> tuple[str, str]:
+def open_sweep_run(p: Plan, res: Resources, data: Data) -> tuple[str, str]:
     """(experiment id, parent run id): the task's MLflow experiment and the sweep's run, found again on resume."""
     experiment_id = tracking.ensure_experiment(p.tracking_uri, p.task)
     parent = tracking.find_or_create_run(
@@ -447,14 +491,17 @@ def open_sweep_run(p: Plan, res: Resources, data_root: str | None) -> tuple[str,
         "preset": p.preset_name,
         "variants": ",".join(p.variants),
         "seeds": len(p.seeds),
+        "inits": ",".join(p.inits),
         "search": p.search,
         "space": ";".join(p.space_args),
         "workers_per_trial": p.workers_per_trial,
         "gpus_per_worker": res.gpus_per_worker,
-        "data_root": data_root or "synthetic",
+        "data_root": data.data_root or "synthetic",
         **{f"preset.{k}": v for k, v in p.overrides.items()},
     }
     tracking.log_params(p.tracking_uri, parent, params)
+    for path, text in data.report.items():
+        tracking.log_text(p.tracking_uri, parent, text, path)
     return experiment_id, parent
 
 
@@ -476,6 +523,7 @@ def build_param_space(
     }
     if p.search != "optuna":
         space["variant"] = ray.tune.grid_search(list(p.variants))
+        space["init"] = ray.tune.grid_search(list(p.inits))
         space["seed"] = ray.tune.grid_search(list(p.seeds))
         return space, None, 1
     from ray.tune.search import Repeater
@@ -489,7 +537,7 @@ def build_param_space(
     }
     for key, (dist, dist_args) in p.space.items():
         space[f"space.{key}"] = distributions[dist](*dist_args)
-    repeat = len(p.variants) * len(p.seeds)
+    repeat = len(p.variants) * len(p.inits) * len(p.seeds)
     metric = f"best/{report.summary_name(tasks.get_task(p.task).metric)}"
     search = Repeater(OptunaSearch(metric=metric, mode="max", seed=0), repeat=repeat, set_index=True)
     return space, search, p.num_samples * repeat
@@ -563,7 +611,8 @@ def collect_results(grid, p: Plan) -> list[report.TrialResult]:
             status = "ok"
         else:
             status = "interrupted"  # stopped by Ctrl-C (or never started): --resume continues it
-        results.append(report.TrialResult(cfg.variant, cfg.seed, metrics, status))
+        label = cfg.variant if cfg.init == weights.SCRATCH else f"{cfg.variant} +init {cfg.init}"
+        results.append(report.TrialResult(label, cfg.seed, metrics, status))
     return results
 
 
@@ -644,7 +693,7 @@ def main(argv: list[str] | None = None) -> list[report.TrialResult]:
 
     p = plan(args, cuda=torch.cuda.is_available())
     task = tasks.get_task(p.task)
-    data_root, cache_dir = prepare_data(p)
+    data = prepare_data(p)
     check_services(p)
 
     import ray
@@ -654,7 +703,7 @@ def main(argv: list[str] | None = None) -> list[report.TrialResult]:
         ray.init(address=p.address, log_to_driver=True, configure_logging=False)
     try:
         res = trial_resources(p, ray.cluster_resources())
-        experiment_id, parent = open_sweep_run(p, res, data_root)
+        experiment_id, parent = open_sweep_run(p, res, data)
         try:
             sweep = SweepSettings(
                 name=p.name,
@@ -669,13 +718,14 @@ def main(argv: list[str] | None = None) -> list[report.TrialResult]:
                 gpus_per_worker=res.gpus_per_worker,
                 max_failures=p.max_failures,
                 local=p.address is None,
+                inits=list(p.inits),
             )
             # A resumed sweep's trials keep their own configs (see build_tuner): no new search space to build.
             space, search_alg, num_samples = (
                 ({}, None, 1)
                 if p.resume
                 else build_param_space(
-                    p, sweep, data_root=data_root, cache_dir=cache_dir, loader_workers=res.loader_workers
+                    p, sweep, data_root=data.data_root, cache_dir=data.cache_dir, loader_workers=res.loader_workers
                 )
             )
             tuner = build_tuner(p, space, search_alg, num_samples, res.max_concurrent)

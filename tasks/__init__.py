@@ -10,12 +10,14 @@ from .classification import ClassificationPreset, ClassificationTask
 from .common import IMAGENET_MEAN, IMAGENET_STD, autocast
 from .data import LayoutError, default_cache_dir, ensure_synthetic, sharded_loaders
 from .evaluation import ClassTable, ConfusionMatrix, Evaluation
+from .hotels import HotelsPreset, HotelsTask
 from .preset import Preset, PresetError
 from .segmentation import SegmentationPreset, SegmentationTask
 
 TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
     "segmentation": SegmentationTask,
+    "hotels": HotelsTask,
 }
 
 
@@ -36,6 +38,8 @@ __all__ = [
     "ClassificationTask",
     "ConfusionMatrix",
     "Evaluation",
+    "HotelsPreset",
+    "HotelsTask",
     "LayoutError",
     "Preset",
     "PresetError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -16,8 +17,10 @@ from .preset import Preset
 class Task(Protocol):
     """A task: presets, real-data layout check, synthetic stand-in, loaders, model, loss and evaluation.
 
-    Optional: `closing_tables` (title -> ((column header, table metric), ...)) asks the sweep to close with
-    tables in the thesis' layout (hotels: occlusion level x k) instead of the one wide comparison.
+    Optional: `data_report(root, preset) -> {artifact path: text}`, what the task's data preparation found
+    (hotels: the cleaning counts and the skipped images), logged once to the sweep's run; `closing_tables`
+    (title -> ((column header, table metric), ...)), tables in the thesis' layout (hotels: occlusion level x k)
+    that the sweep closes with instead of the one wide comparison.
 
     Tasks never import ray, mlflow or the orchestrator. Each lives in its own package with the same files
     (`data`, `synthetic`, `model`, `metrics`, `presets`, `task`), so a new task starts as a copy of a folder.
@@ -53,6 +56,11 @@ class Task(Protocol):
 
     def build_model(self, preset: Preset, *, num_classes: int) -> nn.Module:
         """An untrained model with plain `nn.Conv2d` layers (the loop converts them to the trial's variant)."""
+
+    def load_pretrained(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """Load pretrained weights into `model` by name (`--init`): a classifier's, or this task's own, converted
+        the same way as `model` or plain; the task's head loads only when its shape matches. Returns the names
+        of the tensors not loaded; `ValueError` when a required tensor is missing or of another shape."""
 
     def loss(self, output: Any, target: torch.Tensor, preset: Preset) -> torch.Tensor:
         """The training loss of a batch's model output (the preset gives its settings, e.g. a triplet margin)."""

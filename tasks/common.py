@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TypeVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from .preset import PresetError
 
@@ -102,3 +103,54 @@ def disc(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.n
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """A float canvas clipped to 0..255 as uint8 pixels, ready for PIL."""
     return np.clip(image, 0, 255).astype(np.uint8)
+
+
+BACKBONE_PREFIX = "backbone."  # where a model that wraps a torchvision network keeps its keys (hotels' EmbeddingNet)
+
+
+def load_pretrained(
+    target: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    rename: Mapping[str, str] | None = None,
+    optional: tuple[str, ...] = (),
+) -> list[str]:
+    """Load a pretrained state dict into `target` by name; return the names (as given) of the tensors not loaded.
+
+    The source may be a torchvision classifier, a model of this project (converted by `convs.convert` the same
+    way as `target`, or plain), or an EmbeddingNet (its `backbone.` prefix is dropped when every key has it).
+    `rename` maps source key prefixes to the target's (segmentation: `conv1.` -> `stem.0.`). Every tensor of
+    `target` must be there with its shape, except those under an `optional` prefix (a task's own head: the
+    classifier, a decoder), which load when present with the same shape and otherwise keep their fresh values;
+    BatchNorm's `num_batches_tracked` may be absent (older checkpoints).
+
+    Raises:
+        ValueError: a required tensor absent from `state`, or one of another shape, naming the first few.
+    """
+    if state and all(k.startswith(BACKBONE_PREFIX) for k in state):
+        names = {k[len(BACKBONE_PREFIX) :]: k for k in state}
+    else:
+        names = {k: k for k in state}
+    for old, new in (rename or {}).items():
+        names = {(new + k[len(old) :] if k.startswith(old) else k): given for k, given in names.items()}
+    wanted = target.state_dict()
+    is_optional = lambda key: key.startswith(optional) or key.endswith(".num_batches_tracked")  # noqa: E731
+    missing = [k for k in wanted if k not in names and not is_optional(k)]
+    if missing:
+        raise ValueError(
+            f"the pretrained state dict lacks {len(missing)} of the {len(wanted)} tensors of the "
+            f"{type(target).__name__}, e.g. {', '.join(missing[:4])}: it holds another architecture or depth, or "
+            "a model converted to another variant (a plain model converts to any variant; a converted one loads "
+            "only into the same variant)"
+        )
+    misshapen = [
+        f"{k}: {tuple(state[names[k]].shape)} given, {tuple(wanted[k].shape)} expected"
+        for k in wanted
+        if k in names and state[names[k]].shape != wanted[k].shape and not is_optional(k)
+    ]
+    if misshapen:
+        raise ValueError(f"{len(misshapen)} pretrained tensors have another shape: {'; '.join(misshapen[:4])}")
+    load = {k: state[names[k]] for k in wanted if k in names and state[names[k]].shape == wanted[k].shape}
+    target.load_state_dict(load, strict=False)
+    loaded = {names[k] for k in load}
+    return [given for given in state if given not in loaded]

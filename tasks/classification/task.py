@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..common import load_pretrained
 from ..data import sharded_loaders
 from ..evaluation import Evaluation
 from . import data, metrics, synthetic
@@ -52,6 +54,11 @@ class ClassificationTask:
     def build_model(self, preset: ClassificationPreset, *, num_classes: int) -> nn.Module:
         """torchvision's `preset.model`, untrained, with `num_classes` outputs."""
         return build_model(preset, num_classes=num_classes)
+
+    def load_pretrained(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """Load pretrained weights by name (`--init`): all but the classifier `fc`, which loads only with as many
+        classes; returns the names of the tensors not loaded."""
+        return load_pretrained(model, state, optional=("fc.",))
 
     def loss(self, output: torch.Tensor, target: torch.Tensor, preset: ClassificationPreset) -> torch.Tensor:
         """Cross-entropy of the logits."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..common import load_pretrained
 from ..data import sharded_loaders
 from ..evaluation import Evaluation
 from . import data, metrics, synthetic
@@ -52,6 +54,17 @@ class SegmentationTask:
     def build_model(self, preset: SegmentationPreset, *, num_classes: int) -> nn.Module:
         """DeepLabV3+ on the preset's ResNet backbone, with `preset.model_options` (output stride, head widths)."""
         return DeepLabV3Plus(preset.model, num_classes=num_classes, **preset.model_options)
+
+    def load_pretrained(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """Load pretrained weights by name (`--init`) into the backbone (torchvision's `conv1`/`bn1` are the
+        `stem` here); ASPP, decoder and classifier load only from a segmentation model of the same shape. Returns
+        the names of the tensors not loaded (an ImageNet classifier's `fc`)."""
+        return load_pretrained(
+            model,
+            state,
+            rename={"conv1.": "stem.0.", "bn1.": "stem.1."},
+            optional=("aspp.", "low_level.", "decoder.", "classifier."),
+        )
 
     def loss(self, output: torch.Tensor, target: torch.Tensor, preset: SegmentationPreset) -> torch.Tensor:
         """Per-pixel cross-entropy; label 255 is ignored."""

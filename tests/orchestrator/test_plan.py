@@ -110,13 +110,23 @@ def test_sweep_settings_round_trip_and_read_an_older_sweep():
     assert SweepSettings.from_dict(old).local is False
     with pytest.raises(ValueError, match=r"Unknown sweep setting\(s\) \['colour'\]"):
         SweepSettings.from_dict({**settings.to_dict(), "colour": "red"})
-    # Optuna's Repeater index: variant-major, then seed.
+    # Optuna's Repeater index: variant-major, then init, then seed.
     assert [settings.identity({"__trial_index__": i}) for i in range(4)] == [
-        ("zero", 0),
-        ("zero", 1),
-        ("edge", 0),
-        ("edge", 1),
+        ("zero", "scratch", 0),
+        ("zero", "scratch", 1),
+        ("edge", "scratch", 0),
+        ("edge", "scratch", 1),
     ]
+    two = SweepSettings.from_dict({**settings.to_dict(), "inits": ["scratch", "runs:/abc"]})
+    assert [two.identity({"__trial_index__": i}) for i in (0, 1, 2, 3, 4, 7)] == [
+        ("zero", "scratch", 0),
+        ("zero", "scratch", 1),
+        ("zero", "runs:/abc", 0),
+        ("zero", "runs:/abc", 1),
+        ("edge", "scratch", 0),
+        ("edge", "runs:/abc", 1),
+    ]
+    assert SweepSettings.from_dict(old).inits == ["scratch"]  # a sweep from before --init
     config = {"task": "classification", "preset": "smoke", "space.lr": 0.01, "__trial_index__": 3}
     assert settings.trial_config(config) == TrialConfig(
         task="classification",

@@ -7,9 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 from mlflow.tracking import MlflowClient
 
-from orchestrator import sweep, tracking
+from orchestrator import sweep, tracking, weights
+from tasks import get_task
+from tasks.hotels import EmbeddingNet
 
 
 def common(tmp_path, name):
@@ -75,6 +79,33 @@ def test_grid_sweep_tracks_every_trial_and_resumes_without_duplicates(ray_sessio
     for run in runs_after:
         if "mlflow.parentRunId" in run.data.tags:
             assert len(client.get_metric_history(run.info.run_id, "val/top1")) == 2
+
+    # --init runs:/<id>: this sweep's trials as sources. The zero trial's best model starts a hotels model
+    # converted to gated (its backbone computing the source's features); the gated:norm=inside trial's loads,
+    # every tensor, into a classifier converted the same way.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_of = {r.data.params["variant"]: r.info.run_id for r in children if r.data.params["seed"] == "0"}
+    with pytest.raises(weights.InitError, match="has no checkpoints/best.pt"):
+        weights.check_init(weights.parse_init(f"runs:/{parents[0].info.run_id}"), uri)
+    zero = weights.parse_init(f"runs:/{run_of['zero']}")
+    weights.check_init(zero, uri)
+    state, variant = weights.load_init(zero, uri)
+    assert variant == "zero"
+    source = torchvision.models.resnet18(num_classes=state["fc.weight"].shape[0])
+    source.load_state_dict(state)
+    hotels = EmbeddingNet("resnet18", embedding_dim=8)
+    weights.initialize(hotels, get_task("hotels"), "gated", {"start": "random"}, zero, uri)
+    source.fc, hotels.backbone.fc = torch.nn.Identity(), torch.nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hotels.eval()(x), torch.nn.functional.normalize(source.eval()(x)), atol=1e-4, rtol=1e-4
+        )
+    gated = weights.parse_init(f"runs:/{run_of['gated:norm=inside']}")
+    state, variant = weights.load_init(gated, uri)
+    model = torchvision.models.resnet18(num_classes=state["fc.weight"].shape[0])
+    weights.initialize(model, get_task("classification"), "gated_311", {"start": "random"}, gated, uri)
+    torch.testing.assert_close(model.state_dict(), state, rtol=0, atol=0)
 
 
 @pytest.mark.slow

@@ -142,8 +142,23 @@ def test_thesis_presets_follow_the_thesis_and_the_small_ones_stay_as_they_were(n
     assert presets["cpu"].variant_start == "random" and presets["smoke"].variant_start == "copy"
     for small in ("cpu", "smoke"):
         assert presets[small].amp is None
-        assert presets[small].variants == ("zero", "partial", "gated", "edge", "affine")
-    if name == "classification":
+        if name != "hotels":
+            assert presets[small].variants == ("zero", "partial", "gated", "edge", "affine")
+    if name == "hotels":  # thesis tables 4.5, 4.6: Zero, Partial_1ch, Partial (multi-channel mask), Gated eq. 3.11
+        assert thesis.batch_size == 104 == thesis.hotels_per_batch * thesis.images_per_hotel  # 13 hotels x 8
+        assert thesis.variants == ("zero", "partial_1ch", "partial", "gated:norm=inside", "affine")
+        assert presets["cpu"].variants == presets["smoke"].variants == thesis.variants
+        assert (thesis.model, thesis.epochs, thesis.optimizer, thesis.lr, thesis.margin) == (
+            "resnet50",
+            12,
+            "adam",
+            1e-5,
+            0.1,
+        )
+        assert (thesis.momentum, thesis.embedding_dim, thesis.min_images) == (0.9, 256, 8)  # Adam betas (0.9, 0.999)
+        with pytest.raises(PresetError, match=r"batch_size=100: expected hotels_per_batch x images_per_hotel"):
+            thesis.updated(batch_size=100)
+    elif name == "classification":
         assert thesis.batch_size == 64  # global, thesis section 4.1
         assert thesis.variants == ("zero", "partial", "gated:norm=inside", "edge", "edge_no7", "affine")
         assert (presets["cpu"].batch_size, presets["smoke"].batch_size) == (32, 16)

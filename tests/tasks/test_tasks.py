@@ -20,8 +20,10 @@ def test_every_task_has_the_same_shape(name):
     assert {"thesis", "cpu", "smoke"} <= set(task.presets)
     for preset in task.presets.values():
         assert type(preset) is task.preset_class
-    assert task.metric == task.table_metrics[0] and task.metric.startswith("val/")
-    assert "zero" in task.variants and task.layout
+    assert task.metric == task.table_metrics[0] and "/" in task.metric  # "val/top1", "test_unoccluded/..."
+    assert "zero" in task.variants and task.layout and isinstance(task.takes_masks, bool)
+    for method in ("check_layout", "write_synthetic", "build_loaders", "build_model", "load_pretrained", "loss"):
+        assert callable(getattr(task, method)), method
     package = __import__(f"tasks.{name}", fromlist=["*"])
     for module in ("data", "synthetic", "model", "metrics", "presets", "task"):
         assert hasattr(package, module), f"tasks/{name}/{module}.py: every task package has the same files"

@@ -1,0 +1,130 @@
+"""The hotel-recognition task: ties the Hotels-50K layout, synthetic stand-in, embedding net, triplet loss and
+retrieval metrics together."""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data import LayoutError, seed_worker
+from ..evaluation import Evaluation
+from ..preset import PresetError
+from . import data, metrics, synthetic
+from .loss import TripletLoss
+from .model import build_model, load_backbone_state
+from .presets import PRESETS, HotelsPreset
+from .sampler import SourceBalancedBatchSampler
+
+
+class HotelsTask:
+    """Hotels-50K retrieval: embed the training images (the gallery) and each occlusion level's test images, and
+    score the 100 nearest gallery images per query by hotel (instance) and by chain."""
+
+    name: ClassVar[str] = "hotels"
+    preset_class: ClassVar[type[HotelsPreset]] = HotelsPreset
+    presets: ClassVar[dict[str, HotelsPreset]] = PRESETS
+    metric: ClassVar[str] = "test_unoccluded/instance_top1"
+    # Thesis tables 4.5 (instance top-1/10/100) and 4.6 (chain top-1/3/5), per occlusion level.
+    table_metrics: ClassVar[tuple[str, ...]] = tuple(
+        f"test_{level}/{kind}_top{k}"
+        for kind, ks in (("instance", metrics.INSTANCE_K), ("chain", metrics.CHAIN_K))
+        for level in data.LEVELS
+        for k in ks
+    )
+    # The closing tables in the thesis' layout: title -> (column header, table metric), occlusion level x k.
+    closing_tables: ClassVar[dict[str, tuple[tuple[str, str], ...]]] = {
+        f"{kind} top-k (%) per occlusion level, as thesis table {table}": tuple(
+            (f"{'none' if level == 'unoccluded' else level} {k}", f"test_{level}/{kind}_top{k}")
+            for level in data.LEVELS
+            for k in ks
+        )
+        for kind, ks, table in (("instance", metrics.INSTANCE_K, "4.5"), ("chain", metrics.CHAIN_K, "4.6"))
+    }
+    variants: ClassVar[tuple[str, ...]] = ("zero", "partial", "gated", "edge", "affine")
+    layout: ClassVar[str] = data.LAYOUT
+    takes_masks: ClassVar[bool] = True  # occlusion masks reach partial, gated and affine layers (convs.Masked)
+
+    def check_layout(self, root: Path) -> None:
+        """Raise `LayoutError` showing the expected layout unless `root` holds the Hotels-50K tree."""
+        data.check_layout(root)
+
+    def write_synthetic(self, root: Path, preset: HotelsPreset, *, seed: int = 0) -> None:
+        """Write the synthetic stand-in, sized by `preset.synthetic`, in the real Hotels-50K layout."""
+        synthetic.write_synthetic(root, preset.synthetic, seed=seed)
+
+    def data_report(self, root: Path, preset: HotelsPreset) -> dict[str, str]:
+        """What cleaning did, as files for the sweep's run: `data/cleaning.json` (the count of every step) and
+        `data/skipped_images.csv` (every image listed but missing or unreadable on disk)."""
+        index = data.load_index(root, min_images=preset.min_images)
+        with tempfile.TemporaryDirectory() as tmp:
+            index.write_skipped(Path(tmp) / "skipped.csv")
+            skipped = (Path(tmp) / "skipped.csv").read_text()
+        return {"data/cleaning.json": json.dumps(index.counts, indent=1), "data/skipped_images.csv": skipped}
+
+    def build_loaders(
+        self, root: Path, preset: HotelsPreset, *, rank: int, world_size: int, seed: int, workers: int
+    ) -> tuple[DataLoader, metrics.RetrievalLoaders]:
+        """Train batches of `hotels_per_batch` hotels x `images_per_hotel` images (the global batch, each worker
+        loading its slice); the gallery and the test set of each occlusion level, for rank 0's evaluation."""
+        train, gallery, tests = data.build_datasets(root, preset)
+        try:
+            sampler = SourceBalancedBatchSampler(
+                train.hotel_ids,
+                train.sources,
+                hotels_per_batch=preset.hotels_per_batch,
+                images_per_hotel=preset.images_per_hotel,
+                rank=rank,
+                world_size=world_size,
+                seed=seed,
+            )
+        except PresetError:
+            raise
+        except ValueError as error:  # too few usable hotels: the data, not the recipe
+            raise LayoutError(f"{root}/images/train: {error}") from None
+        common = dict(num_workers=workers, worker_init_fn=seed_worker, pin_memory=False)
+        generator = torch.Generator().manual_seed(seed)
+        train_loader = DataLoader(train, batch_sampler=sampler, generator=generator, **common)
+        eval_batch = preset.eval_batch_size or preset.batch_size // world_size
+        evaluation = metrics.RetrievalLoaders(
+            gallery=DataLoader(gallery, batch_size=eval_batch, shuffle=False, **common),
+            queries={
+                level: DataLoader(ds, batch_size=eval_batch, shuffle=False, **common) for level, ds in tests.items()
+            },
+        )
+        return train_loader, evaluation
+
+    def num_classes(self, root: Path) -> int:
+        """The hotels listed in train_set.csv (before cleaning). Not a classifier: the model ignores it, the
+        embedding's width is `preset.embedding_dim`."""
+        with open(root / "input" / "dataset" / "train_set.csv", newline="") as f:
+            return len({row["hotel_id"] for row in csv.DictReader(f)})
+
+    def build_model(self, preset: HotelsPreset, *, num_classes: int) -> nn.Module:
+        """torchvision's `preset.model`, untrained, its classifier replaced by an L2-normalised embedding."""
+        return build_model(preset)
+
+    def load_pretrained(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """Load pretrained weights by name (`--init`): a classifier's backbone (its `fc` left out) or a whole
+        hotels model; returns the names of the tensors not loaded."""
+        return load_backbone_state(model, state)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor, preset: HotelsPreset) -> torch.Tensor:
+        """Online triplet loss with a random margin-violating negative per anchor-positive pair."""
+        return TripletLoss(preset.margin)(output, target)
+
+    def evaluate(
+        self, model: nn.Module, loaders: metrics.RetrievalLoaders, device: torch.device, preset: HotelsPreset
+    ) -> Evaluation:
+        """Instance top-1/10/100 and chain top-1/3/5 (%) at each occlusion level, by faiss search in the gallery.
+
+        The gallery and the test sets are embedded whole, whatever `max_batches` says (it caps training batches
+        here): a capped gallery would leave queries whose hotel it does not hold."""
+        return metrics.evaluate(model, loaders, device, preset.updated(max_batches=None))
