@@ -95,6 +95,7 @@ PRESETS: dict[str, HotelsPreset] = {
         schedule="constant",
         image_size=224,
         eval_size=256,
+        eval_every=3,  # embedding the million-image gallery costs about as much as a training epoch
         amp=None,
         variants=("zero", "partial_1ch", "partial", "gated:norm=inside", "affine"),
         variant_start="random",

@@ -1,4 +1,7 @@
-"""The segmentation sweep end to end on a local Ray (2 CPUs): every variant x 2 seeds learns, three eval modes."""
+"""The segmentation sweep end to end on a local Ray (2 CPUs): every variant learns, three eval modes.
+
+One seed per variant: the several-seed table (per-seed columns, std, difference to zero) is checked by the
+classification grid sweep, and each trial here costs CI about 45 s."""
 
 import math
 
@@ -24,12 +27,10 @@ def trivial_miou(root, preset) -> float:
 @pytest.mark.slow
 def test_every_variant_learns_and_the_table_shows_the_three_modes(ray_session, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["--task", "segmentation", "--preset", "smoke", "--epochs", "3", "--seeds", "2", "--variants", *VARIANTS]
+    args = ["--task", "segmentation", "--preset", "smoke", "--epochs", "3", "--seeds", "1", "--variants", *VARIANTS]
     args += ["--storage", str(tmp_path / "sweeps"), "--tracking-uri", uri, "--name", "seg"]
     results = sweep.main(args)
-    assert sorted((r.variant, r.seed, r.status) for r in results) == sorted(
-        (v, s, "ok") for v in VARIANTS for s in (0, 1)
-    )
+    assert sorted((r.variant, r.seed, r.status) for r in results) == sorted((v, 0, "ok") for v in VARIANTS)
     task = get_task("segmentation")
     root = ensure_synthetic(task, task.presets["smoke"], default_cache_dir())
     trivial = trivial_miou(root, task.presets["smoke"])
@@ -42,7 +43,7 @@ def test_every_variant_learns_and_the_table_shows_the_three_modes(ray_session, t
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("segmentation")
     children = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 10
+    assert len(children) == 5
     run = children[0]
     for key in ("val/miou", "val/miou_tile", "val/miou_tile_overlap"):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1, 2]
@@ -58,7 +59,7 @@ def test_every_variant_learns_and_the_table_shows_the_three_modes(ray_session, t
     assert [line.split("|")[1].strip() for line in rows[1:]] == ["zero", "affine", "edge", "gated", "partial"]
     for column in (
         "best/miou seed 0",
-        "best/miou_tile seed 1",
+        "best/miou_tile seed 0",
         "best/miou_tile_overlap mean",
         "best/miou std",
         "best/miou_tile_overlap diff to zero",
