@@ -36,6 +36,17 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+def per_worker_batch(preset: Preset, world_size: int) -> int:
+    """`preset.batch_size` (the global batch) split over `world_size` workers; PresetError when it does not divide."""
+    if preset.batch_size % world_size:
+        raise PresetError(
+            f"batch_size={preset.batch_size} is the global batch of all Ray Train workers and does not split "
+            f"evenly across {world_size} workers; set batch_size to a multiple of {world_size} or run a number of "
+            f"workers per trial that divides {preset.batch_size}"
+        )
+    return preset.batch_size // world_size
+
+
 def sharded_loaders(
     train: Dataset, val: Dataset, preset: Preset, *, rank: int, world_size: int, seed: int, workers: int, where: str
 ) -> tuple[DataLoader, DataLoader]:
@@ -46,13 +57,7 @@ def sharded_loaders(
     `batch_size // world_size` images per step, and a batch that does not split evenly is refused (PresetError).
     The validation batch is `preset.eval_batch_size`, else the per-worker training batch (rank 0 evaluates alone).
     """
-    if preset.batch_size % world_size:
-        raise PresetError(
-            f"batch_size={preset.batch_size} is the global batch of all Ray Train workers and does not split "
-            f"evenly across {world_size} workers; set batch_size to a multiple of {world_size} or run a number of "
-            f"workers per trial that divides {preset.batch_size}"
-        )
-    per_worker = preset.batch_size // world_size
+    per_worker = per_worker_batch(preset, world_size)
     sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     common = dict(num_workers=workers, worker_init_fn=seed_worker, generator=generator, pin_memory=False)

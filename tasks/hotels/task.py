@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import LayoutError, seed_worker
+from ..data import LayoutError, per_worker_batch, seed_worker
 from ..evaluation import Evaluation
 from ..preset import PresetError
 from . import data, metrics, synthetic
@@ -74,6 +74,7 @@ class HotelsTask:
     ) -> tuple[DataLoader, metrics.RetrievalLoaders]:
         """Train batches of `hotels_per_batch` hotels x `images_per_hotel` images (the global batch, each worker
         loading its slice); the gallery and the test set of each occlusion level, for rank 0's evaluation."""
+        per_worker = per_worker_batch(preset, world_size)  # before reading any data
         train, gallery, tests = data.build_datasets(root, preset)
         try:
             sampler = SourceBalancedBatchSampler(
@@ -92,7 +93,7 @@ class HotelsTask:
         common = dict(num_workers=workers, worker_init_fn=seed_worker, pin_memory=False)
         generator = torch.Generator().manual_seed(seed)
         train_loader = DataLoader(train, batch_sampler=sampler, generator=generator, **common)
-        eval_batch = preset.eval_batch_size or preset.batch_size // world_size
+        eval_batch = preset.eval_batch_size or per_worker
         evaluation = metrics.RetrievalLoaders(
             gallery=DataLoader(gallery, batch_size=eval_batch, shuffle=False, **common),
             queries={

@@ -257,8 +257,10 @@ def test_ctrl_c_marks_the_sweep_interrupted_and_resume_finishes_it(ray_session, 
     assert "Tuner.restore" not in out
     client, parent, children = _parent_and_children(tmp_path, "ctrlc")
     assert parent.info.status == "KILLED" and [c.info.status for c in children] == ["KILLED"]
+    # The Ctrl-C comes once the first checkpoint is written; the epoch it holds reaches MLflow then or, if the stop
+    # came first, on resume (each epoch once either way, checked below).
     interrupted_at = len(client.get_metric_history(children[0].info.run_id, "val/top1"))
-    assert 1 <= interrupted_at < 6
+    assert interrupted_at < 6
 
     resume = ["--resume", "--name", "ctrlc", "--storage", str(tmp_path / "sweeps")]  # the printed command
     with pytest.raises(SystemExit, match=r"these differ: --epochs \(started with 6\)"):

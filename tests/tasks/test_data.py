@@ -3,6 +3,7 @@
 import logging
 
 import pytest
+from torch.utils.data import DataLoader
 
 import tasks
 from tasks import LayoutError, PresetError, ensure_synthetic, get_task
@@ -42,9 +43,9 @@ def test_the_batch_size_is_global_and_split_across_workers(name, tmp_path):
     for world_size in (1, 2):
         for rank in range(world_size):
             train, val = task.build_loaders(root, preset, rank=rank, world_size=world_size, seed=0, workers=0)
-            assert train.batch_size == preset.batch_size // world_size
-            assert len(next(iter(train))[0]) == preset.batch_size // world_size
-            assert val.batch_size == (preset.eval_batch_size or preset.batch_size // world_size)
+            assert len(next(iter(train))[1]) == preset.batch_size // world_size  # one target per image
+            evaluation = val if isinstance(val, DataLoader) else val.gallery  # hotels: gallery and test sets
+            assert evaluation.batch_size == (preset.eval_batch_size or preset.batch_size // world_size)
     message = rf"batch_size={preset.batch_size} is the global batch .* does not split evenly across 3 workers; set"
     with pytest.raises(PresetError, match=message):
         task.build_loaders(root, preset, rank=0, world_size=3, seed=0, workers=0)
