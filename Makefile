@@ -30,6 +30,7 @@ bench: setup
 	$(PY) -m benchmarks.convs
 	$(PY) -m benchmarks.segmentation
 	$(PY) -m benchmarks.sweep
+	$(PY) -m benchmarks.retrieval  # the thesis' scale (1M x 256 gallery): long on a laptop, see its --help
 
 docs: setup
 	$(PY) -m docs.mask_flow
