@@ -16,7 +16,7 @@ the thesis' models (recall@100 against exact search, the thesis' 1M x 256 galler
   on these inner-product embeddings (0.977 against 0.991 at ef_search 256, 200k vectors).
 
 A query's 100 nearest images belong to many hotels, so recall@100 >= 0.99 needs wide searches: on a 2-core CPU the
-ivf search is 1.5-2x as fast as the exact one (5x the torch baseline) and the hnsw search up to 5x, but building the
+ivf search is 1.5-2x as fast as the exact one (5x the torch baseline), the hnsw search 1-5x (as noisy), but building the
 graph takes 6-25 min at 1M, more than an exact evaluation; the exact `flat` index stays the sensible default there.
 
 Galleries of fewer than `EXACT_BELOW` vectors are searched exactly whatever the kind: an IVF cannot train there, and
