@@ -30,7 +30,7 @@ from tasks import Evaluation, Preset, Task, autocast, default_cache_dir, ensure_
 
 from .config import TrialConfig
 from .report import summary_name
-from .weights import initialize, parse_init
+from .weights import initialize, parse_init, start_is_open
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -104,8 +104,7 @@ def variant_options(cfg: TrialConfig, preset: Preset) -> dict[str, Any]:
     """The trial's `convs.convert` options, plus `start=preset.variant_start` where the variant accepts a start
     and neither the trial's options nor its spec (`edge:start=copy`) set one."""
     options = dict(cfg.variant_options)
-    accepted = getattr(convs.get(cfg.variant), "convert_options", None)  # nn.Conv2d (zero) has none
-    if accepted is not None and "start" in accepted() and "start" not in convs.parse_variant(cfg.variant).options:
+    if start_is_open(cfg.variant):
         options.setdefault("start", preset.variant_start)
     return options
 

@@ -170,6 +170,13 @@ def same_variant(a: str, b: str) -> bool:
     )
 
 
+def start_is_open(variant: str) -> bool:
+    """Whether `variant` takes a `start` option its spec leaves unset (`edge`: yes; `edge:start=copy`, `partial`,
+    `zero`: no), so that the caller may choose how its new filters start."""
+    accepted = getattr(convs.get(variant), "convert_options", None)  # nn.Conv2d (zero) has none
+    return accepted is not None and "start" in accepted() and "start" not in convs.parse_variant(variant).options
+
+
 def initialize(
     model: torch.nn.Module, task: Any, variant: str, options: dict[str, Any], init: Init, tracking_uri
 ) -> None:
@@ -186,8 +193,7 @@ def initialize(
         )
     if plain:
         left_out = task.load_pretrained(model, state)
-        accepted = getattr(convs.get(variant), "convert_options", None)
-        if accepted is not None and "start" in accepted() and "start" not in convs.parse_variant(variant).options:
+        if start_is_open(variant):
             options = {**options, "start": "copy"}  # the converted model starts as the pretrained one
         convs.convert(model, variant, **options)
     else:
