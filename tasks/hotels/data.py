@@ -8,14 +8,20 @@ extension (the download script keeps the URL's) never have to be rebuilt from th
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
+import gzip
 import hashlib
 import io
+import json
 import logging
 import os
 import re
 import stat
 import tarfile
+import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +37,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from ..common import IMAGENET_MEAN, IMAGENET_STD, log_progress
-from ..data import LayoutError
+from ..data import LayoutError, default_cache_dir
 from .presets import HotelsPreset
 
 logger = logging.getLogger(__name__)
@@ -276,7 +282,9 @@ def write_skipped(skipped: Iterable[dict[str, object]], path: Path) -> None:
         writer.writerows(skipped)
 
 
-def load_index(root: Path, *, min_images: int, workers: int | None = None) -> HotelsIndex:
+def load_index(
+    root: Path, *, min_images: int, workers: int | None = None, cache_dir: Path | None = None
+) -> HotelsIndex:
     """Read the CSVs, find every listed image on disk and clean the dataset (the thesis' steps, in this order):
 
     1. images listed but missing on disk, or unreadable (PIL cannot open/verify them; a test mask likewise):
@@ -289,8 +297,35 @@ def load_index(root: Path, *, min_images: int, workers: int | None = None) -> Ho
     Scale (Hotels-50K: ~1M training images, 50K hotels): one os.walk of the tree, one CSV pass, a header check of
     every listed file (threads), and content hashes only for hotels whose set of file sizes (from the same stat)
     equals another hotel's: equal image sets have equal size sets, and distinct photos rarely share every size,
-    so only likely duplicates are read in full. Nothing is cached or written under `root` (it may be read-only).
+    so only likely duplicates are read in full. That still takes minutes, and the sweep driver and every training
+    worker of every trial need the index, so with `cache_dir` the result is stored there once per dataset and
+    `min_images` (`index_cache_path`, gzip'ed JSON, written atomically) and read back while `index_cache_key` is
+    unchanged; a missing, stale or unreadable entry is recomputed (the last with a warning) and rewritten. One log
+    line says which happened, with the file's path. Without `cache_dir` the index is always computed. Nothing is
+    ever written under `root` (it may be read-only).
     """
+    if cache_dir is None:
+        return _clean_index(Path(root), min_images=min_images, workers=workers)
+    path = index_cache_path(root, min_images=min_images, cache_dir=cache_dir)
+    key = index_cache_key(root, min_images=min_images)  # before cleaning: a change made meanwhile is seen next time
+    index, why = _read_index_cache(path, Path(root), key)
+    if index is not None:
+        logger.info("hotels index: loaded from the cache %s (delete the file to force a recompute)", path)
+        return index
+    started = time.perf_counter()
+    index = _clean_index(Path(root), min_images=min_images, workers=workers)
+    stored = _write_index_cache(path, key, index)
+    logger.info(
+        "hotels index: computed in %.1f s (%s); %s",
+        time.perf_counter() - started,
+        why,
+        f"cached at {path}" if stored else f"not cached, see the warning above ({path})",
+    )
+    return index
+
+
+def _clean_index(root: Path, *, min_images: int, workers: int | None) -> HotelsIndex:
+    """`load_index`'s work, the four cleaning steps, always computed; nothing cached."""
     root = Path(root)
     workers = workers or min(32, 4 * (os.cpu_count() or 1))
     counts: dict[str, int] = {}
@@ -458,6 +493,202 @@ def load_index(root: Path, *, min_images: int, workers: int | None = None) -> Ho
     )
 
 
+# the index cache -----------------------------------------------------------------------------------------------------
+
+# Bump when the cleaning or the cache format changes: every cached index then fails its key and is recomputed.
+INDEX_CACHE_VERSION = 1
+INDEX_CACHE_FOLDER = "hotels-index"  # under the cache dir, e.g. tasks.default_cache_dir()
+
+
+def index_cache_path(root: Path, *, min_images: int, cache_dir: Path | None = None) -> Path:
+    """Where `load_index` caches the index of `root` for `min_images` (`cache_dir` None: `default_cache_dir()`):
+    CACHE/hotels-index/<root's folder name>-<sha1 of the resolved root>-min<min_images>.json.gz. One entry per
+    dataset and `min_images`; a changed key overwrites it, so entries do not pile up as the data changes."""
+    resolved = Path(root).resolve()
+    digest = hashlib.sha1(os.fsencode(resolved)).hexdigest()[:12]
+    name = re.sub(r"[^\w.-]", "_", resolved.name)[:40] or "root"
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return folder / INDEX_CACHE_FOLDER / f"{name}-{digest}-min{min_images}.json.gz"
+
+
+def _stat(path: Path) -> list[int] | None:
+    """[size, mtime_ns] of a file or folder (links followed), None when it cannot be stat'ed."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return [info.st_size, info.st_mtime_ns]
+
+
+def index_cache_key(root: Path, *, min_images: int) -> dict[str, object]:
+    """What decides whether a cached index of `root` is still good, from a few hundred stats (no walk of the images):
+    the format version, the resolved root, `min_images`, each CSV's size and mtime_ns, the people-crops tarball's
+    size and mtime_ns, and the mtime_ns of images/train, images/test, each test level folder and every folder
+    directly inside those (the chain folders). A folder's mtime changes when an entry directly in it is added,
+    removed or renamed, so a new download (new CSVs), a chain folder added or removed, a hotel folder added to or
+    removed from a training chain folder, or a re-unpacked test tarball is seen.
+
+    Not seen: changes deeper in the tree that leave those folders and the CSVs alone, e.g. an image file replaced,
+    deleted or added inside an existing hotel's folder (only its source folder's mtime moves), or a hotel folder
+    added inside a test level's chain folder. After such an edit, delete the cache file (`index_cache_path`;
+    `load_index` logs it) to force a recompute. The workers count is left out: it does not change the result.
+    """
+    root = Path(root).resolve()
+    csvs = {name: _stat(_csv_path(root, name)) for name in CSV_COLUMNS}
+    folders: dict[str, int | None] = {}
+    scanned = ["images/train", "images/test", *(f"images/test/{folder}" for folder in LEVEL_FOLDERS.values())]
+    for relative in scanned:
+        info = _stat(root / relative)
+        folders[relative] = None if info is None else info[1]
+        try:
+            with os.scandir(root / relative) as entries:
+                for entry in sorted(entries, key=lambda e: e.name):
+                    if entry.is_dir():
+                        folders[f"{relative}/{entry.name}"] = entry.stat().st_mtime_ns
+        except OSError:
+            continue  # missing: None above (check_layout names it)
+    return {
+        "version": INDEX_CACHE_VERSION,
+        "root": os.fsdecode(root),
+        "min_images": min_images,
+        "csvs": csvs,
+        "crops": _stat(root / CROPS),
+        "folders": folders,
+    }
+
+
+def _images_prefix(root: Path) -> str:
+    """What every path of an index of `root` starts with (the walks start at root/images/...); the cache stores
+    paths without it, so an entry is smaller and gives the same paths for another spelling of the same root."""
+    return os.path.join(Path(root) / "images", "")
+
+
+def _strip(path: str, prefix: str) -> str:
+    if not path.startswith(prefix):
+        raise ValueError(f"{path} is not under {prefix}")
+    return path[len(prefix) :]
+
+
+def _records_to_columns(records: list[Record], prefix: str) -> dict[str, list]:
+    """Records as one list per field (JSON columns: no field names repeated a million times)."""
+    return {
+        "image_id": [r.image_id for r in records],
+        "hotel_id": [r.hotel_id for r in records],
+        "chain_id": [r.chain_id for r in records],
+        "source": [r.source for r in records],
+        "path": [_strip(r.path, prefix) for r in records],
+        "mask_path": [None if r.mask_path is None else _strip(r.mask_path, prefix) for r in records],
+    }
+
+
+def _records_from_columns(columns: dict[str, list], prefix: str) -> list[Record]:
+    paths = [prefix + p for p in columns["path"]]
+    masks = [None if m is None else prefix + m for m in columns["mask_path"]]
+    fields = (columns["image_id"], columns["hotel_id"], columns["chain_id"], columns["source"], paths, masks)
+    return list(map(Record._make, zip(*fields, strict=True)))
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: building a million small tuples and strings otherwise triggers its full
+    passes over them again and again (measured: 1.1M records read back in 1 s instead of 4). None can be cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _write_index_cache(path: Path, key: dict[str, object], index: HotelsIndex) -> bool:
+    """Store `index` under `key` at `path`: gzip'ed JSON written to a uniquely named temporary file in the same
+    folder, then renamed over `path` (atomic), so a reader sees the old entry or the new one, never half of one;
+    concurrent writers each replace it with a whole, valid entry (the last one wins). A crash leaves at most a
+    `.<name>.<random>.tmp` file, which is never read. Failing to write (read-only or full cache folder) is a
+    warning, not an error: the index is there, only the next call computes it again. Returns whether it was stored.
+    """
+    prefix = _images_prefix(index.root)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with _gc_paused():
+            document = {
+                "key": key,
+                "prefix": prefix,
+                "min_images": index.min_images,
+                "train": _records_to_columns(index.train, prefix),
+                "test": {level: _records_to_columns(records, prefix) for level, records in index.test.items()},
+                "counts": index.counts,
+                "skipped": [{**s, "path": s["path"] and _strip(str(s["path"]), prefix)} for s in index.skipped],
+                "duplicates": sorted(index.duplicates.items()),
+                "too_few": sorted(index.too_few.items()),
+                "untrained": sorted(index.untrained),
+                "chains": sorted(index.chains.items()),
+            }
+            data = gzip.compress(json.dumps(document, separators=(",", ":")).encode(), compresslevel=3, mtime=0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        return True
+    except (OSError, ValueError) as error:
+        logger.warning("hotels index: could not cache it at %s: %s: %s", path, type(error).__name__, error)
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        return False
+
+
+def _read_index_cache(path: Path, root: Path, key: dict[str, object]) -> tuple[HotelsIndex | None, str]:
+    """The index cached at `path` when its key equals `key`, else None and why it is recomputed. An unreadable or
+    corrupt file (truncated, not gzip, not our JSON) is a warning and a recompute, never an error."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, f"no cache entry at {path}"
+    except OSError as error:
+        logger.warning("hotels index: cannot read the cache %s (%s); recomputing", path, error)
+        return None, "cache unreadable"
+    try:
+        document = json.loads(gzip.decompress(data))
+        if document["key"] != key:
+            stored = document["key"] if isinstance(document["key"], dict) else {}
+            changed = [part for part in key if stored.get(part) != key[part]]
+            return None, f"cache key changed ({', '.join(changed)}) since {path} was written"
+        with _gc_paused():
+            return _index_from_document(document, Path(root)), "loaded"
+    except Exception as error:  # gzip, zlib, JSON, a missing or mistyped field: whatever it is, recompute
+        logger.warning(
+            "hotels index: the cache %s is corrupt (%s: %s); recomputing it", path, type(error).__name__, error
+        )
+        return None, "cache corrupt"
+
+
+def _index_from_document(document: dict, root: Path) -> HotelsIndex:
+    """`_write_index_cache`'s document back as the index, its paths under `root` as spelt now (the entry is found
+    by the resolved root, so another spelling of the same folder, e.g. through a symlink, reads it too)."""
+    prefix = _images_prefix(root)
+    skipped = [{**s, "path": s["path"] and prefix + s["path"]} for s in document["skipped"]]
+    if document["prefix"] != prefix:  # PIL's messages in the reasons name the paths as spelt when cached
+        for s in skipped:
+            s["reason"] = s["reason"].replace(document["prefix"], prefix)
+    return HotelsIndex(
+        root=root,
+        min_images=document["min_images"],
+        train=_records_from_columns(document["train"], prefix),
+        test={level: _records_from_columns(document["test"][level], prefix) for level in LEVELS},
+        counts=document["counts"],
+        skipped=skipped,
+        duplicates=dict(map(tuple, document["duplicates"])),
+        too_few=dict(map(tuple, document["too_few"])),
+        untrained=set(document["untrained"]),
+        chains=dict(map(tuple, document["chains"])),
+    )
+
+
 # people crops and transforms -----------------------------------------------------------------------------------------
 
 
@@ -614,13 +845,14 @@ class EvalImages(_Images):
 
 
 def build_datasets(
-    root: Path, preset: HotelsPreset, *, index: HotelsIndex | None = None
+    root: Path, preset: HotelsPreset, *, index: HotelsIndex | None = None, cache_dir: Path | None = None
 ) -> tuple[TrainImages, EvalImages, dict[str, EvalImages]]:
     """The training set, the gallery (the cleaned training images, evaluation transform, no occlusion) and one test
-    set per level in LEVELS. `index`: a `load_index` result to reuse (e.g. after logging its skipped list)."""
+    set per level in LEVELS. `index`: a `load_index` result to reuse (e.g. after logging its skipped list); else
+    `load_index` makes one, cached in `cache_dir` (None: computed, not cached)."""
     check_layout(root)
     if index is None:
-        index = load_index(root, min_images=preset.min_images)
+        index = load_index(root, min_images=preset.min_images, cache_dir=cache_dir)
     crops = load_people_crops(root)
     train = TrainImages(root, index.train, preset, crops)
     gallery = EvalImages(root, index.train, preset)

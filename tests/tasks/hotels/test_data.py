@@ -1,9 +1,15 @@
 """Hotels-50K data: the layout check, the cleaning index (its four steps, exact ids), source names, the people-crop
-occluders, the training and evaluation items, and determinism."""
+occluders, the training and evaluation items, determinism, and the cache of the cleaned index."""
 
 import csv
+import dataclasses
+import gzip
 import hashlib
+import json
+import logging
+import os
 import shutil
+import threading
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,9 +23,12 @@ from tasks.hotels.data import (
     LEVELS,
     SOURCES,
     EvalImages,
+    HotelsIndex,
+    Record,
     TrainImages,
     build_datasets,
     check_layout,
+    index_cache_path,
     load_index,
     load_people_crops,
     normalise_source,
@@ -296,3 +305,171 @@ def test_items_are_deterministic_for_a_seed_and_vary_across_seeds(root, preset, 
     assert any(not torch.equal(a[1], c[1]) for a, c in zip(draws[0], draws[2], strict=True))
     again = load_index(root, min_images=preset.min_images)
     assert again.train == index.train and again.test == index.test and again.counts == index.counts
+
+
+# the index cache -----------------------------------------------------------------------------------------------------
+
+CACHE_LOGGER = "tasks.hotels.data"
+
+
+def _files(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+def test_the_cached_index_equals_a_fresh_one_and_the_next_call_reads_it(root, preset, index, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    path = index_cache_path(root, min_images=preset.min_images, cache_dir=cache)
+    data_before = _files(root)
+    with caplog.at_level(logging.INFO, logger=CACHE_LOGGER):
+        build_datasets(root, preset, cache_dir=cache)  # passes the cache on to load_index
+    assert "hotels index: computed in " in caplog.text and f"cached at {path}" in caplog.text
+    assert path.is_file() and os.listdir(path.parent) == [path.name]  # the entry alone, no temporary file left
+    written = path.stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=CACHE_LOGGER):
+        cached = load_index(root, min_images=preset.min_images, cache_dir=cache)
+    assert f"hotels index: loaded from the cache {path}" in caplog.text and "cleaning 1" not in caplog.text
+    assert path.stat().st_mtime_ns == written
+    assert cached == index  # every field; and field by field, with the types a JSON round trip could change
+    for field in dataclasses.fields(HotelsIndex):
+        assert getattr(cached, field.name) == getattr(index, field.name), field.name
+    assert all(type(r) is Record for r in cached.train + [r for level in LEVELS for r in cached.test[level]])
+    assert cached.test["low"][0].mask_path and cached.test["unoccluded"][0].mask_path is None
+    assert {type(k) for k in cached.duplicates} == {int} and isinstance(cached.untrained, set) and cached.skipped
+    assert _files(root) == data_before  # nothing written under the data root
+
+
+def test_the_cache_is_read_until_its_key_changes(root, preset, tmp_path):
+    """An image deleted deep in the tree is not seen (the cached index still lists it) until a CSV's mtime moves."""
+    copy, cache = tmp_path / "data", tmp_path / "cache"
+    shutil.copytree(root, copy)
+    cached = load_index(copy, min_images=preset.min_images, cache_dir=cache)
+    gone = cached.train[0]
+    Path(gone.path).unlink()
+    assert gone.image_id not in {r.image_id for r in load_index(copy, min_images=preset.min_images).train}
+    assert load_index(copy, min_images=preset.min_images, cache_dir=cache) == cached  # read back, stale
+    train_csv = copy.joinpath(*CSV_DIR, "train_set.csv")
+    info = train_csv.stat()
+    os.utime(train_csv, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+    again = load_index(copy, min_images=preset.min_images, cache_dir=cache)
+    assert gone.image_id not in {r.image_id for r in again.train}
+    missing = dict(split="train", image_id=gone.image_id, hotel_id=gone.hotel_id, reason="missing", path="")
+    assert missing in again.skipped and missing not in cached.skipped
+    assert load_index(copy, min_images=preset.min_images, cache_dir=cache) == again  # the entry was replaced
+
+
+def _chain_folder(copy, tree):
+    return next(p for p in sorted((copy / "images" / tree).iterdir()) if p.is_dir())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "hotel folder added to a training chain folder",
+        "chain folder added to a test level",
+        "test_set.csv rewritten, one byte longer",
+        "people crops tarball touched",
+    ],
+)
+def test_what_the_cache_key_sees(root, preset, tmp_path, change):
+    copy, cache = tmp_path / "data", tmp_path / "cache"
+    shutil.copytree(root, copy)
+    cached = load_index(copy, min_images=preset.min_images, cache_dir=cache)
+    gone = cached.train[0]
+    Path(gone.path).unlink()  # unseen by itself: the cached index still lists it
+    assert load_index(copy, min_images=preset.min_images, cache_dir=cache) == cached
+    if change.startswith("hotel folder"):
+        (_chain_folder(copy, "train") / "999999").mkdir()
+    elif change.startswith("chain folder"):
+        (copy / "images" / "test" / LEVEL_FOLDERS["high"] / "12345").mkdir()
+    elif change.startswith("test_set.csv"):
+        test_csv = copy.joinpath(*CSV_DIR, "test_set.csv")
+        test_csv.write_text(test_csv.read_text() + "\n")  # a blank line: the same rows
+    else:
+        crops = copy / "images" / "people_crops.tar.gz"
+        os.utime(crops, ns=(crops.stat().st_atime_ns, crops.stat().st_mtime_ns + 10**9))
+    again = load_index(copy, min_images=preset.min_images, cache_dir=cache)
+    assert gone.image_id not in {r.image_id for r in again.train}
+    assert again == load_index(copy, min_images=preset.min_images)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not gzip", "empty", "not our JSON", "a field missing", "a folder"])
+def test_a_corrupt_cache_file_is_recomputed_with_a_warning(root, preset, index, tmp_path, caplog, damage):
+    cache = tmp_path / "cache"
+    path = index_cache_path(root, min_images=preset.min_images, cache_dir=cache)
+    load_index(root, min_images=preset.min_images, cache_dir=cache)
+    good = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif damage == "not gzip":
+        path.write_bytes(b"not a cache file")
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "not our JSON":
+        path.write_bytes(gzip.compress(b"[1, 2, 3]"))
+    elif damage == "a field missing":  # the key still matches: the damage is found only while rebuilding
+        document = json.loads(gzip.decompress(good))
+        del document["test"]["high"]
+        path.write_bytes(gzip.compress(json.dumps(document).encode()))
+    else:
+        path.unlink()
+        path.mkdir()
+    with caplog.at_level(logging.INFO, logger=CACHE_LOGGER):
+        again = load_index(root, min_images=preset.min_images, cache_dir=cache)
+    assert again == index
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and str(path) in warnings[0] and "recomputing" in warnings[0]
+    if damage == "a folder":  # neither readable nor replaceable: computed every time, never fatal
+        assert path.is_dir() and "could not cache it" in warnings[1]
+        assert sorted(os.listdir(path.parent)) == [path.name]  # the temporary file removed
+    else:
+        assert path.read_bytes() == good  # rewritten whole (the same bytes: same key, same index)
+
+
+def test_each_min_images_gets_its_own_entry(root, preset, index, tmp_path):
+    stricter = preset.min_images + 4  # drops some of the 10-16 image hotels too
+    entries = {m: index_cache_path(root, min_images=m, cache_dir=tmp_path) for m in (preset.min_images, stricter)}
+    assert len(set(entries.values())) == 2
+    first = {m: load_index(root, min_images=m, cache_dir=tmp_path) for m in entries}
+    assert all(path.is_file() for path in entries.values())
+    cached = {m: load_index(root, min_images=m, cache_dir=tmp_path) for m in entries}
+    assert cached == first
+    assert cached[preset.min_images] == index
+    assert cached[stricter] == load_index(root, min_images=stricter)
+    assert set(cached[stricter].too_few) > set(index.too_few) and cached[stricter].min_images == stricter
+
+
+def test_another_spelling_of_the_root_reads_the_same_entry(root, preset, tmp_path, caplog):
+    """The key holds the resolved root: a symlink to the data finds the entry, and gets its own paths back."""
+    link = tmp_path / "link"
+    link.symlink_to(root, target_is_directory=True)
+    load_index(root, min_images=preset.min_images, cache_dir=tmp_path / "cache")
+    with caplog.at_level(logging.INFO, logger=CACHE_LOGGER):
+        through_link = load_index(link, min_images=preset.min_images, cache_dir=tmp_path / "cache")
+    assert "loaded from the cache" in caplog.text
+    assert through_link == load_index(link, min_images=preset.min_images)
+    assert through_link.train[0].path.startswith(str(link / "images" / "train"))
+
+
+def test_concurrent_writers_and_a_crashed_write_leave_a_valid_entry(root, preset, index, tmp_path):
+    cache = tmp_path / "cache"
+    path = index_cache_path(root, min_images=preset.min_images, cache_dir=cache)
+    start = threading.Barrier(4)
+    results = [None] * 4
+
+    def worker(i):
+        start.wait()
+        results[i] = load_index(root, min_images=preset.min_images, cache_dir=cache)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(result == index for result in results)
+    assert os.listdir(path.parent) == [path.name]
+    # a write cut short leaves its temporary file beside the entry; it is never read as one
+    path.with_name(f".{path.name}.deadbeef.tmp").write_bytes(path.read_bytes()[:100])
+    assert load_index(root, min_images=preset.min_images, cache_dir=cache) == index
+    path.unlink()  # and without the entry, the leftover is not taken for it either
+    assert load_index(root, min_images=preset.min_images, cache_dir=cache) == index and path.is_file()
