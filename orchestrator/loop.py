@@ -150,6 +150,18 @@ def evaluates(epoch: int, preset: Preset) -> bool:
     return (epoch + 1) % preset.eval_every == 0 or epoch == preset.epochs - 1
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every worker rank 0's buffers (BatchNorm running statistics), before an evaluation they share.
+
+    DDP keeps the parameters equal and sends rank 0's buffers at the start of each forward, but each worker's
+    forward then updates them with its own batch: after an epoch's last step every worker holds other running
+    statistics. Evaluated by all, the model must be rank 0's, the one checkpointed; the next forward would
+    overwrite them with rank 0's anyway, so training is unchanged.
+    """
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def train_one_epoch(
     model: nn.Module,
     task: Task,
@@ -266,8 +278,9 @@ def train(
     """Train one trial and return its summary; `report(metrics, checkpoint_dir)` is called once per epoch.
 
     Every worker must call `report` equally often (Ray Train's rule); only rank 0 evaluates, checkpoints and
-    logs. `resume` is the state of the last checkpoint, to continue after a crash. `workdir` holds the
-    checkpoints being written (a temporary folder when None).
+    logs, except that every worker calls the evaluation of a task with `collective_eval` (each embedding its
+    shard; only rank 0's result is used). `resume` is the state of the last checkpoint, to continue after a
+    crash. `workdir` holds the checkpoints being written (a temporary folder when None).
     """
     started = time.perf_counter()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -311,6 +324,8 @@ def train(
     if rank == 0 and tracker is not None and history:
         log_missing_epochs(tracker, history, task)
     images_per_epoch = train_batches(train_loader, preset) * preset.batch_size  # global batches; drop_last: all full
+    # Every rank calls a collective evaluation, at the same epochs (`evaluates` is deterministic), else rank 0 alone.
+    collective_eval = getattr(task, "collective_eval", False)
     loop_start = time.perf_counter()
     try:
         for epoch in range(start, preset.epochs):
@@ -325,10 +340,13 @@ def train(
             metrics: dict[str, float] = {"epoch": epoch, "train/loss": loss, "lr": scheduler.get_last_lr()[0]}
             metrics["time/epoch_s"] = time.perf_counter() - epoch_start
             checkpoint_dir = None
+            evaluation = None
+            if evaluates(epoch, preset) and (rank == 0 or collective_eval):
+                if collective_eval and world_size > 1:
+                    broadcast_buffers(eval_net)
+                evaluation = task.evaluate(eval_net, val_loader, device, preset)
             if rank == 0:
-                evaluation = None
-                if evaluates(epoch, preset):
-                    evaluation = task.evaluate(eval_net, val_loader, device, preset)
+                if evaluation is not None:
                     metrics.update({k: float(v) for k, v in evaluation.scalars.items()})
                 history.append(dict(metrics))
                 metrics.update(summarize(history, task.table_metrics))

@@ -20,7 +20,11 @@ class Task(Protocol):
     Optional: `data_report(root, preset) -> {artifact path: text}`, what the task's data preparation found
     (hotels: the cleaning counts and the skipped images), logged once to the sweep's run; `closing_tables`
     (title -> ((column header, table metric), ...)), tables in the thesis' layout (hotels: occlusion level x k)
-    that the sweep closes with instead of the one wide comparison.
+    that the sweep closes with instead of the one wide comparison; `collective_eval: ClassVar[bool]` (False when
+    absent), True for an evaluation that every Ray Train worker takes part in: the loop then calls `evaluate` on
+    every rank, at the same epochs, with the evaluation loaders `build_loaders` gave that rank (hotels: each embeds
+    its shard of the gallery and test sets, gathered to rank 0 with torch.distributed collectives); only rank 0's
+    result is used, the others return an `Evaluation` the loop ignores.
 
     Tasks never import ray, mlflow or the orchestrator. Each lives in its own package with the same files
     (`data`, `synthetic`, `model`, `metrics`, `presets`, `task`), so a new task starts as a copy of a folder.
@@ -67,4 +71,4 @@ class Task(Protocol):
 
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device, preset: Preset) -> Evaluation:
         """Evaluate on what `build_loaders` returned second; `metric` among the scalars. Called on rank 0 after
-        every `preset.eval_every` epochs and after the last."""
+        every `preset.eval_every` epochs and after the last; on every rank then for a task with `collective_eval`."""

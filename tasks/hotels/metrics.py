@@ -21,6 +21,10 @@ graph takes 6-25 min at 1M, more than an exact evaluation; the exact `flat` inde
 
 Galleries of fewer than `EXACT_BELOW` vectors are searched exactly whatever the kind: an IVF cannot train there, and
 an exact search of so few vectors costs less than building any approximate index.
+
+Under several Ray Train workers the embedding is sharded: each worker embeds its contiguous shard (`shard`) of the
+gallery and of each level's queries, the shards are gathered to rank 0 (`gather_shards`), and rank 0 alone builds
+the index once and scores; embedding the million-image gallery is what costs, the search is one index either way.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+import torch.distributed as dist
 from faiss.contrib.inspect_tools import get_invlist
 from torch import nn
 from torch.utils.data import DataLoader
@@ -284,23 +289,34 @@ def topk_accuracy(
     }
 
 
+def shard(size: int, rank: int, world_size: int) -> range:
+    """The indices of worker `rank`'s contiguous shard of `size` items split over `world_size` workers: the shards
+    differ in length by at most one, and in rank order they make `range(size)`, so gathering them in rank order
+    gives the items in their single-process order (the same gallery row numbers, the same ties in the search)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size} workers")
+    return range(size * rank // world_size, size * (rank + 1) // world_size)
+
+
 @dataclass
 class RetrievalLoaders:
-    """What the hotels task evaluates on: the gallery (the training images) and the test queries per level."""
+    """What the hotels task evaluates on: the gallery (the training images) and the test queries per level.
+
+    With `world_size` > 1 every loader holds only worker `rank`'s `shard` of its set, and `evaluate` is collective:
+    all `world_size` workers of the default process group call it and rank 0 gets the scores.
+    """
 
     gallery: DataLoader
     queries: dict[str, DataLoader]  # level name ("unoccluded", "low", "medium", "high") -> its test images
+    rank: int = 0  # whose shard the loaders hold
+    world_size: int = 1  # how many shards make up each set; 1: the loaders hold the whole sets
 
 
-def embed(
-    model: nn.Module, loader: DataLoader, device: torch.device, preset: HotelsPreset, *, what: str = "embedding"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Float32 (N, D) embeddings and int64 (N, 2) labels (hotel_id, chain_id) of the loader's images.
-
-    Batches are `((images, masks), labels)`; `model(images, masks)` gives (B, D) L2-normalised embeddings. The model
-    runs in eval mode (restored afterwards) without autograd, in `preset.amp`, on at most `preset.max_batches`
-    batches; embeddings stay on the device until the end.
-    """
+def _embed(
+    model: nn.Module, loader: DataLoader, device: torch.device, preset: HotelsPreset, *, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`embed`, as tensors: float32 (N, D) embeddings on `device` ((0, 0) for no images), int64 (N, 2) labels on
+    the CPU."""
     was_training = model.training
     model.eval()
     outputs: list[torch.Tensor] = []
@@ -317,9 +333,72 @@ def embed(
     finally:
         model.train(was_training)
     if not outputs:
-        return np.zeros((0, 0), np.float32), np.zeros((0, 2), np.int64)
-    embeddings = torch.cat(outputs).cpu().numpy()
-    return np.ascontiguousarray(embeddings, dtype=np.float32), torch.cat(labels).long().numpy().reshape(-1, 2)
+        return torch.zeros((0, 0), dtype=torch.float32, device=device), torch.zeros((0, 2), dtype=torch.int64)
+    return torch.cat(outputs), torch.cat(labels).long().reshape(-1, 2)
+
+
+def _numpy(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    return np.ascontiguousarray(embeddings.cpu().numpy(), dtype=np.float32), labels.cpu().numpy()
+
+
+def embed(
+    model: nn.Module, loader: DataLoader, device: torch.device, preset: HotelsPreset, *, what: str = "embedding"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 (N, D) embeddings and int64 (N, 2) labels (hotel_id, chain_id) of the loader's images.
+
+    Batches are `((images, masks), labels)`; `model(images, masks)` gives (B, D) L2-normalised embeddings. The model
+    runs in eval mode (restored afterwards) without autograd, in `preset.amp`, on at most `preset.max_batches`
+    batches; embeddings stay on the device until the end.
+    """
+    return _numpy(*_embed(model, loader, device, preset, what=what))
+
+
+def gather_shards(rows: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """On rank 0 the (N_r, D) `rows` of every rank r of the default process group, concatenated in rank order on
+    the CPU; None on the other ranks.
+
+    Collective: every rank calls it, with rows of one dtype and width (an empty shard may be (0, 0)); ValueError
+    on every rank when the widths differ. The shards differ in length (`shard`), so their shapes are all-gathered
+    first and each shard is padded to the longest for one `dist.gather`. Under NCCL the rows travel on `device`
+    (this rank's GPU), under gloo (or gloo for CPU tensors beside NCCL) on the CPU. Rank 0 receives world_size x
+    the longest shard, about the whole set (1 GiB for the thesis' 1M x 256 float32 gallery), and the other ranks
+    send only their shard: `all_gather_object` would pickle the whole set on every rank and through the CPU.
+    """
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    on = device if dist.get_backend() == dist.Backend.NCCL else torch.device("cpu")
+    rows = rows.to(on)
+    if rows.ndim != 2:
+        raise ValueError(f"rows must be an (N, D) matrix, got shape {tuple(rows.shape)}")
+    shapes = [torch.zeros(2, dtype=torch.int64, device=on) for _ in range(world_size)]
+    dist.all_gather(shapes, torch.tensor(rows.shape, dtype=torch.int64, device=on))
+    lengths, widths = zip(*(shape.tolist() for shape in shapes), strict=True)
+    width = max(widths)
+    if any(n and w != width for n, w in zip(lengths, widths, strict=True)):
+        raise ValueError(f"shards of rows (length, width) {list(zip(lengths, widths, strict=True))}: widths differ")
+    longest = max(lengths)
+    padded = rows.new_zeros((longest, width))
+    if len(rows):
+        padded[: len(rows)] = rows
+    gathered = [torch.empty_like(padded) for _ in range(world_size)] if rank == 0 else None
+    if longest:  # nothing to send when every shard is empty
+        dist.gather(padded, gathered, dst=0)
+    if rank != 0:
+        return None
+    return torch.cat([part[:length].cpu() for part, length in zip(gathered, lengths, strict=True)])
+
+
+def _check_sharded(loaders: RetrievalLoaders) -> None:
+    """RuntimeError unless the default process group is the one whose shards `loaders` hold."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"loaders of rank {loaders.rank}'s shard of {loaders.world_size}: their evaluation gathers the shards "
+            "and needs the workers' process group (torch.distributed is not initialised)"
+        )
+    if (dist.get_rank(), dist.get_world_size()) != (loaders.rank, loaders.world_size):
+        raise RuntimeError(
+            f"loaders of rank {loaders.rank}'s shard of {loaders.world_size}, evaluated by rank {dist.get_rank()} "
+            f"of {dist.get_world_size()}"
+        )
 
 
 def evaluate(model: nn.Module, loaders: RetrievalLoaders, device: torch.device, preset: HotelsPreset) -> Evaluation:
@@ -329,12 +408,26 @@ def evaluate(model: nn.Module, loaders: RetrievalLoaders, device: torch.device, 
 
     Scalars `test_<level>/instance_top<k>`, `test_<level>/chain_top<k>` and `test_<level>/queries` (the count) for
     every level of `loaders.queries`.
+
+    Loaders of one shard (`loaders.world_size` > 1) make it collective: every rank embeds its shards of all the
+    sets, the embeddings and labels are gathered to rank 0 (`gather_shards`), which builds the index and returns
+    the scores of the whole sets, as one process would; the other ranks return an empty `Evaluation` (no scalars).
+    RuntimeError when the process group is not the one of the loaders' shards.
     """
-    gallery, gallery_labels = embed(model, loaders.gallery, device, preset, what="gallery batches")
-    levels = {
-        level: embed(model, loader, device, preset, what=f"{level} query batches")
+    if loaders.world_size > 1:
+        _check_sharded(loaders)
+    # every set embedded before any is gathered: one wait for the slowest worker, not one per set
+    embedded = [_embed(model, loaders.gallery, device, preset, what="gallery batches")]
+    embedded += [
+        _embed(model, loader, device, preset, what=f"{level} query batches")
         for level, loader in loaders.queries.items()
-    }
+    ]
+    if loaders.world_size > 1:
+        embedded = [(gather_shards(rows, device), gather_shards(labels, device)) for rows, labels in embedded]
+        if loaders.rank != 0:
+            return Evaluation({})
+    (gallery, gallery_labels), *per_level = [_numpy(rows, labels) for rows, labels in embedded]
+    levels = dict(zip(loaders.queries, per_level, strict=True))
     queries = [embeddings for embeddings, _ in levels.values() if len(embeddings)]
     neighbours = np.zeros((0, TOP), np.int64)
     if queries:

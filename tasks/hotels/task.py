@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data import LayoutError, per_worker_batch, seed_worker
 from ..evaluation import Evaluation
@@ -51,6 +51,8 @@ class HotelsTask:
     variants: ClassVar[tuple[str, ...]] = ("zero", "partial", "gated", "edge", "affine")
     layout: ClassVar[str] = data.LAYOUT
     takes_masks: ClassVar[bool] = True  # occlusion masks reach partial, gated and affine layers (convs.Masked)
+    # Every worker embeds its shard of the gallery and test sets, rank 0 searches and scores (metrics.evaluate).
+    collective_eval: ClassVar[bool] = True
 
     def check_layout(self, root: Path) -> None:
         """Raise `LayoutError` showing the expected layout unless `root` holds the Hotels-50K tree."""
@@ -62,8 +64,9 @@ class HotelsTask:
 
     def data_report(self, root: Path, preset: HotelsPreset) -> dict[str, str]:
         """What cleaning did, as files for the sweep's run: `data/cleaning.json` (the count of every step) and
-        `data/skipped_images.csv` (every image listed but missing or unreadable on disk)."""
-        index = data.load_index(root, min_images=preset.min_images)
+        `data/skipped_images.csv` (every image listed but missing or unreadable on disk). The cleaned index is
+        cached in `default_cache_dir()`, where every trial's `build_loaders` then finds it."""
+        index = data.load_index(root, min_images=preset.min_images, cache_dir=data.default_cache_dir())
         with tempfile.TemporaryDirectory() as tmp:
             index.write_skipped(Path(tmp) / "skipped.csv")
             skipped = (Path(tmp) / "skipped.csv").read_text()
@@ -73,9 +76,11 @@ class HotelsTask:
         self, root: Path, preset: HotelsPreset, *, rank: int, world_size: int, seed: int, workers: int
     ) -> tuple[DataLoader, metrics.RetrievalLoaders]:
         """Train batches of `hotels_per_batch` hotels x `images_per_hotel` images (the global batch, each worker
-        loading its slice); the gallery and the test set of each occlusion level, for rank 0's evaluation."""
+        loading its slice); the gallery and the test set of each occlusion level, for the evaluation: with several
+        workers each one's loaders read only its contiguous shard of each set (`metrics.shard`), in order, and the
+        evaluation gathers the shards; one worker reads the whole sets."""
         per_worker = per_worker_batch(preset, world_size)  # before reading any data
-        train, gallery, tests = data.build_datasets(root, preset)
+        train, gallery, tests = data.build_datasets(root, preset, cache_dir=data.default_cache_dir())
         try:
             sampler = SourceBalancedBatchSampler(
                 train.hotel_ids,
@@ -94,11 +99,17 @@ class HotelsTask:
         generator = torch.Generator().manual_seed(seed)
         train_loader = DataLoader(train, batch_sampler=sampler, generator=generator, **common)
         eval_batch = preset.eval_batch_size or per_worker
+
+        def loader(dataset: Dataset) -> DataLoader:
+            if world_size > 1:
+                dataset = Subset(dataset, metrics.shard(len(dataset), rank, world_size))
+            return DataLoader(dataset, batch_size=eval_batch, shuffle=False, **common)
+
         evaluation = metrics.RetrievalLoaders(
-            gallery=DataLoader(gallery, batch_size=eval_batch, shuffle=False, **common),
-            queries={
-                level: DataLoader(ds, batch_size=eval_batch, shuffle=False, **common) for level, ds in tests.items()
-            },
+            gallery=loader(gallery),
+            queries={level: loader(ds) for level, ds in tests.items()},
+            rank=rank,
+            world_size=world_size,
         )
         return train_loader, evaluation
 
@@ -127,5 +138,7 @@ class HotelsTask:
         """Instance top-1/10/100 and chain top-1/3/5 (%) at each occlusion level, by faiss search in the gallery.
 
         The gallery and the test sets are embedded whole, whatever `max_batches` says (it caps training batches
-        here): a capped gallery would leave queries whose hotel it does not hold."""
+        here): a capped gallery would leave queries whose hotel it does not hold. Collective (`collective_eval`)
+        with several workers: every rank calls it with its shard's loaders, rank 0 gets the scores of the whole
+        sets and the others an empty `Evaluation` (`metrics.evaluate`)."""
         return metrics.evaluate(model, loaders, device, preset.updated(max_batches=None))

@@ -2,10 +2,12 @@
 the loss matches a hand computation, an easy batch gives a zero loss with a gradient, and two gloo workers compute
 the loss of their concatenated batch."""
 
+import datetime
 import math
 import os
 import socket
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -115,23 +117,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, folder: str) -> None:
+def _gloo_process(rank: int, world_size: int, port: int, fn: Callable[..., None], args: tuple) -> None:
     torch.set_num_threads(1)  # a forked child: no OpenMP pool inherited from the parent
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # a collective one worker misses fails the test after a minute instead of hanging it for gloo's half hour
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
     try:
-        # rank 0 holds A1 and B1, rank 1 A2 and B2: both triplets span the two workers
-        own = HAND[[rank, rank + 2]].clone().requires_grad_()
-        loss = TripletLoss(MARGIN)(own, HAND_LABELS[[rank, rank + 2]])
-        loss.backward()
-        torch.save({"loss": loss.detach(), "grad": own.grad}, os.path.join(folder, f"rank{rank}.pt"))
+        fn(rank, *args)
     finally:
         dist.destroy_process_group()
 
 
+def run_gloo(fn: Callable[..., None], *args, world_size: int = 2) -> None:
+    """Run `fn(rank, *args)` in `world_size` processes joined in one gloo process group on localhost, one thread
+    each. Forked (Linux): the workers start with the parent's imports, in a second instead of importing torch again;
+    they hand results back through files."""
+    port = _free_port()
+    mp.start_processes(
+        _gloo_process, args=(world_size, port, fn, args), nprocs=world_size, join=True, start_method="fork"
+    )
+
+
+def _worker(rank: int, folder: str) -> None:
+    # rank 0 holds A1 and B1, rank 1 A2 and B2: both triplets span the two workers
+    own = HAND[[rank, rank + 2]].clone().requires_grad_()
+    loss = TripletLoss(MARGIN)(own, HAND_LABELS[[rank, rank + 2]])
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grad": own.grad}, os.path.join(folder, f"rank{rank}.pt"))
+
+
 def test_two_gloo_workers_compute_the_loss_of_their_concatenated_batch(tmp_path):
-    # forked (Linux): the workers start with the parent's imports, in a second instead of importing torch again
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    run_gloo(_worker, str(tmp_path))
     whole = HAND.clone().requires_grad_()
     single = TripletLoss(MARGIN)(whole, HAND_LABELS)
     single.backward()
