@@ -39,6 +39,7 @@ BAD = {
     "color_jitter": [-0.25, 0.6, math.inf, None],
     "gaussian_blur": [1, 0, "yes", None],
     "embedding_dim": [0, 2.5, None],
+    "embedding_bn": [1, "yes", None],
     "margin": [0, -0.1, math.nan, None],
     "hotels_per_batch": [1, 0, 2.5, None],
     "images_per_hotel": [1, 0, 2.5, None],

@@ -49,7 +49,10 @@ def test_normalised_in_fp32_under_autocast():
 def test_build_model_from_the_preset_and_unknown_models():
     model = build_model(PRESETS["smoke"])
     assert isinstance(model, EmbeddingNet) and isinstance(model.backbone, torchvision.models.ResNet)
-    assert model.backbone.fc.out_features == PRESETS["smoke"].embedding_dim
+    assert PRESETS["smoke"].embedding_bn and not PRESETS["thesis"].embedding_bn
+    linear, norm = model.backbone.fc
+    assert linear.out_features == norm.num_features == PRESETS["smoke"].embedding_dim
+    assert isinstance(build_model(PRESETS["thesis"]).backbone.fc, torch.nn.Linear)  # the thesis' plain embedding
     assert {k for k in model.state_dict() if not k.startswith("backbone.")} == set()
     with pytest.raises(ValueError, match="Unknown torchvision model 'resnet19'"):
         EmbeddingNet("resnet19")
@@ -115,3 +118,30 @@ def test_every_variant_converts_every_backbone_conv_and_copies_keep_the_loaded_f
         assert out.shape == (2, 16)
         if variant != "partial":
             torch.testing.assert_close(out, reference(x), atol=1e-4, rtol=0)
+
+
+def test_the_embedding_batchnorm_opens_the_cone_of_untrained_embeddings():
+    """Untrained, a ResNet's embeddings of unrelated images point almost the same way; centred per dimension over
+    the batch (`embedding_bn`), they spread out (what lets the triplet loss learn from scratch, see the model)."""
+    torch.manual_seed(0)
+    images = torch.randn(16, 3, 48, 48)
+
+    def mean_cosine(model: EmbeddingNet) -> float:
+        with torch.no_grad():
+            out = model(images)
+        cosines = out @ out.T
+        return float((cosines.sum() - cosines.diagonal().sum()) / (16 * 15))
+
+    assert mean_cosine(EmbeddingNet("resnet18", embedding_dim=32)) > 0.7
+    assert abs(mean_cosine(EmbeddingNet("resnet18", embedding_dim=32, embedding_bn=True))) < 0.2
+
+
+def test_an_embedding_batchnorm_model_loads_a_classifier_backbone_and_its_own_checkpoint():
+    state = _perturbed_resnet18_state()
+    model = EmbeddingNet("resnet18", embedding_dim=16, embedding_bn=True)
+    assert sorted(load_backbone_state(model, state)) == ["fc.bias", "fc.weight"]  # the classifier's head left out
+    torch.testing.assert_close(model.backbone.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
+    model.backbone.fc[1].running_mean.uniform_(-1, 1)
+    same = EmbeddingNet("resnet18", embedding_dim=16, embedding_bn=True)
+    assert load_backbone_state(same, model.state_dict()) == []  # every tensor, the embedding's BatchNorm too
+    torch.testing.assert_close(same.state_dict(), model.state_dict(), rtol=0, atol=0)
