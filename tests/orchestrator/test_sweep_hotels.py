@@ -1,6 +1,5 @@
-"""The hotel-recognition sweep end to end on a local Ray: zero and partial x 2 seeds beat random retrieval without
-occlusion and at the low level, the closing tables have the thesis' layout, and the data report reaches the
-sweep's run."""
+"""The hotel-recognition sweep end to end on a local Ray: zero and partial x 2 seeds beat random retrieval at every
+occlusion level, the closing tables have the thesis' layout, and the data report reaches the sweep's run."""
 
 import math
 
@@ -13,6 +12,7 @@ from tasks import default_cache_dir, ensure_synthetic, get_task
 from tasks.hotels import LEVELS
 
 VARIANTS = ["zero", "partial"]
+EPOCHS = 6
 
 
 def chance_top1(root, preset) -> dict[str, float]:
@@ -30,7 +30,7 @@ def chance_top1(root, preset) -> dict[str, float]:
 @pytest.mark.slow
 def test_zero_and_partial_beat_random_retrieval_and_the_tables_follow_the_thesis(ray_session, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["--task", "hotels", "--preset", "smoke", "--seeds", "2", "--variants", *VARIANTS]
+    args = ["--task", "hotels", "--preset", "smoke", "--epochs", str(EPOCHS), "--seeds", "2", "--variants", *VARIANTS]
     args += ["--storage", str(tmp_path / "sweeps"), "--tracking-uri", uri, "--name", "hotels"]
     results = sweep.main(args)
     assert sorted((r.variant, r.seed, r.status) for r in results) == sorted(
@@ -39,14 +39,14 @@ def test_zero_and_partial_beat_random_retrieval_and_the_tables_follow_the_thesis
     task = get_task("hotels")
     preset = task.presets["smoke"]
     chance = chance_top1(ensure_synthetic(task, preset, default_cache_dir()), preset)
-    # Pooled over the four trials (top-1 over 84 queries moves by several points from seed to seed). Three short
-    # epochs beat random retrieval clearly without occlusion and at the low level; at the medium and high levels
-    # (about 2/5 and 3/4 of each query hidden) they do not yet: heavily occluded queries crowd onto a few gallery
-    # images, and their top-10 falls below chance. That gap is the open part of this test's goal.
-    pooled = {level: np.mean([r.metrics[f"best/test_{level}/instance_top1"] for r in results]) for level in LEVELS}
-    assert pooled["unoccluded"] > chance["unoccluded"] + 10, (pooled, chance)
-    assert pooled["low"] > chance["low"] + 4, (pooled, chance)
-    assert pooled["unoccluded"] > pooled["high"] + 5, pooled  # what occlusion hides matters
+    # The last epoch's scores, pooled over the four trials (224 queries per level and trial; a trial's top-1 moves by
+    # 2-3 points with the seed). Six smoke epochs beat random retrieval at every occlusion level, and what occlusion
+    # hides costs: in-process runs of seeds 0-3 gave 35 / 30 / 21 / 14 % (high: 11 % at least) against 7 % by chance.
+    # Three epochs (the preset's) reach about 11 % at the high level, too close to chance for a test.
+    pooled = {level: np.mean([r.metrics[f"test_{level}/instance_top1"] for r in results]) for level in LEVELS}
+    for level in LEVELS:
+        assert pooled[level] > chance[level] + 3, (level, pooled, chance)
+    assert pooled["unoccluded"] > pooled["high"] + 8, pooled  # what occlusion hides matters
     for r in results:
         assert all(not math.isnan(r.metrics[f"best/{key}"]) for key in task.table_metrics)
 
@@ -57,7 +57,7 @@ def test_zero_and_partial_beat_random_retrieval_and_the_tables_follow_the_thesis
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 4 and {c.data.params["variant"] for c in children} == set(VARIANTS)
     history = client.get_metric_history(children[0].info.run_id, "test_high/chain_top5")
-    assert sorted(m.step for m in history) == list(range(preset.epochs))  # smoke: every epoch evaluated
+    assert sorted(m.step for m in history) == list(range(EPOCHS))  # smoke: every epoch evaluated
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "data")}
     assert artifacts == {"data/cleaning.json", "data/skipped_images.csv"}
     skipped = client.download_artifacts(parent.info.run_id, "data/skipped_images.csv", str(tmp_path))
