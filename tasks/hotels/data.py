@@ -37,7 +37,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from ..common import IMAGENET_MEAN, IMAGENET_STD, log_progress
-from ..data import LayoutError, default_cache_dir
+from ..data import LayoutError
 from .presets import HotelsPreset
 
 logger = logging.getLogger(__name__)
@@ -266,20 +266,25 @@ class HotelsIndex:
         """The cleaned training hotels, sorted."""
         return sorted({r.hotel_id for r in self.train})
 
+    def skipped_csv(self) -> str:
+        """The images skipped in step 1 (missing or unreadable) as CSV text, e.g. to log as an artifact."""
+        return skipped_csv(self.skipped)
+
     def write_skipped(self, path: Path) -> None:
-        """Write the images skipped in step 1 (missing or unreadable) as a CSV, e.g. to log as an artifact."""
-        write_skipped(self.skipped, path)
+        """Write `skipped_csv()` to `path`."""
+        Path(path).write_text(self.skipped_csv())
 
 
 SKIPPED_COLUMNS = ("split", "image_id", "hotel_id", "reason", "path")
 
 
-def write_skipped(skipped: Iterable[dict[str, object]], path: Path) -> None:
-    """The skipped-image list as a CSV with columns split, image_id, hotel_id, reason, path."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SKIPPED_COLUMNS)
-        writer.writeheader()
-        writer.writerows(skipped)
+def skipped_csv(skipped: Iterable[dict[str, object]]) -> str:
+    """The skipped-image list as CSV text with columns split, image_id, hotel_id, reason, path."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=SKIPPED_COLUMNS)
+    writer.writeheader()
+    writer.writerows(skipped)
+    return text.getvalue()
 
 
 def load_index(
@@ -500,15 +505,14 @@ INDEX_CACHE_VERSION = 1
 INDEX_CACHE_FOLDER = "hotels-index"  # under the cache dir, e.g. tasks.default_cache_dir()
 
 
-def index_cache_path(root: Path, *, min_images: int, cache_dir: Path | None = None) -> Path:
-    """Where `load_index` caches the index of `root` for `min_images` (`cache_dir` None: `default_cache_dir()`):
+def index_cache_path(root: Path, *, min_images: int, cache_dir: Path) -> Path:
+    """Where `load_index` caches the index of `root` for `min_images` in `cache_dir`:
     CACHE/hotels-index/<root's folder name>-<sha1 of the resolved root>-min<min_images>.json.gz. One entry per
     dataset and `min_images`; a changed key overwrites it, so entries do not pile up as the data changes."""
     resolved = Path(root).resolve()
     digest = hashlib.sha1(os.fsencode(resolved)).hexdigest()[:12]
     name = re.sub(r"[^\w.-]", "_", resolved.name)[:40] or "root"
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return folder / INDEX_CACHE_FOLDER / f"{name}-{digest}-min{min_images}.json.gz"
+    return Path(cache_dir) / INDEX_CACHE_FOLDER / f"{name}-{digest}-min{min_images}.json.gz"
 
 
 def _stat(path: Path) -> list[int] | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..data import LayoutError, per_worker_batch, seed_worker
+from ..data import LayoutError, default_cache_dir, per_worker_batch, seed_worker
 from ..evaluation import Evaluation
 from ..preset import PresetError
 from . import data, metrics, synthetic
@@ -66,11 +65,11 @@ class HotelsTask:
         """What cleaning did, as files for the sweep's run: `data/cleaning.json` (the count of every step) and
         `data/skipped_images.csv` (every image listed but missing or unreadable on disk). The cleaned index is
         cached in `default_cache_dir()`, where every trial's `build_loaders` then finds it."""
-        index = data.load_index(root, min_images=preset.min_images, cache_dir=data.default_cache_dir())
-        with tempfile.TemporaryDirectory() as tmp:
-            index.write_skipped(Path(tmp) / "skipped.csv")
-            skipped = (Path(tmp) / "skipped.csv").read_text()
-        return {"data/cleaning.json": json.dumps(index.counts, indent=1), "data/skipped_images.csv": skipped}
+        index = data.load_index(root, min_images=preset.min_images, cache_dir=default_cache_dir())
+        return {
+            "data/cleaning.json": json.dumps(index.counts, indent=1),
+            "data/skipped_images.csv": index.skipped_csv(),
+        }
 
     def build_loaders(
         self, root: Path, preset: HotelsPreset, *, rank: int, world_size: int, seed: int, workers: int
@@ -80,7 +79,7 @@ class HotelsTask:
         workers each one's loaders read only its contiguous shard of each set (`metrics.shard`), in order, and the
         evaluation gathers the shards; one worker reads the whole sets."""
         per_worker = per_worker_batch(preset, world_size)  # before reading any data
-        train, gallery, tests = data.build_datasets(root, preset, cache_dir=data.default_cache_dir())
+        train, gallery, tests = data.build_datasets(root, preset, cache_dir=default_cache_dir())
         try:
             sampler = SourceBalancedBatchSampler(
                 train.hotel_ids,

@@ -2,19 +2,16 @@
 the loss matches a hand computation, an easy batch gives a zero loss with a gradient, and two gloo workers compute
 the loss of their concatenated batch."""
 
-import datetime
 import math
 import os
-import socket
 from collections import Counter
-from collections.abc import Callable
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tasks.hotels.loss import RandomViolatingNegativeMiner, TripletLoss
+
+from .distributed import run_gloo
 
 MARGIN = 0.1
 
@@ -109,33 +106,6 @@ def test_a_batch_without_a_violating_triplet_gives_a_zero_loss_with_a_gradient()
     assert loss.item() == 0 and loss.grad_fn is not None
     loss.backward()
     assert torch.equal(embeddings.grad, torch.zeros_like(embeddings))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gloo_process(rank: int, world_size: int, port: int, fn: Callable[..., None], args: tuple) -> None:
-    torch.set_num_threads(1)  # a forked child: no OpenMP pool inherited from the parent
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # a collective one worker misses fails the test after a minute instead of hanging it for gloo's half hour
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    try:
-        fn(rank, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_gloo(fn: Callable[..., None], *args, world_size: int = 2) -> None:
-    """Run `fn(rank, *args)` in `world_size` processes joined in one gloo process group on localhost, one thread
-    each. Forked (Linux): the workers start with the parent's imports, in a second instead of importing torch again;
-    they hand results back through files."""
-    port = _free_port()
-    mp.start_processes(
-        _gloo_process, args=(world_size, port, fn, args), nprocs=world_size, join=True, start_method="fork"
-    )
 
 
 def _worker(rank: int, folder: str) -> None:

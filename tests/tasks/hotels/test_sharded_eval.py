@@ -19,7 +19,7 @@ from orchestrator.weights import initialize, parse_init
 from tasks import ensure_synthetic, get_task
 from tasks.hotels.metrics import gather_shards, shard
 
-from .test_loss import run_gloo
+from .distributed import run_gloo
 
 
 @pytest.fixture(scope="module")
