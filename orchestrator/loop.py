@@ -33,6 +33,7 @@ from .report import summary_name
 from .weights import initialize, parse_init, start_is_open
 
 CHECKPOINT_FILE = "checkpoint.pt"
+FAILURE_KEY = "failure"  # in a trial's last report and summary: why it stopped early (a diverged loss)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,13 @@ class Tracker(Protocol):
 
     def logged_epochs(self, metric: str) -> set[int]:
         """The epochs whose `metric` is already logged (a resumed trial logs only the others)."""
+
+    def log_failure(self, reason: str) -> None:
+        """Why the trial stopped early (a diverged loss); the trial function ends the run FAILED."""
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite: the trial stops at once, marked failed with this message."""
 
 
 def seed_everything(seed: int) -> None:
@@ -173,16 +181,20 @@ def train_one_epoch(
     *,
     scaler: torch.amp.GradScaler | None = None,
 ) -> float:
-    """One pass over the (sharded) training loader; returns the mean loss over this worker's batches.
+    """One pass over the (sharded) training loader; returns the mean loss over all workers' batches.
 
     Runs in `preset.amp` precision; `scaler` scales the loss for fp16 (a disabled scaler, or None, changes nothing).
+    Raises `DivergedError` at the first batch whose loss is NaN or infinite. Under DDP each batch's loss is averaged
+    over the workers first (the one float the loss log needs anyway), so every worker stops at the same batch: one
+    that stopped alone would leave the others waiting in the next gradient all-reduce.
     """
     model.train()
     if scaler is None:
         scaler = torch.amp.GradScaler(device.type, enabled=False)
     set_epoch(loader, epoch)
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     total, count = 0.0, 0
-    for inputs, targets in itertools.islice(loader, preset.max_batches):
+    for batch, (inputs, targets) in enumerate(itertools.islice(loader, preset.max_batches)):
         inputs, targets = to_device(inputs, device), to_device(targets, device)
         with autocast(device, preset.amp):
             loss = task.loss(forward(model, inputs), targets, preset)
@@ -190,7 +202,19 @@ def train_one_epoch(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        total += loss.item()
+        value = loss.detach().float()
+        if world_size > 1:
+            dist.all_reduce(value)
+            value /= world_size
+        value = value.item()
+        if not math.isfinite(value):
+            lr = optimizer.param_groups[0]["lr"]
+            raise DivergedError(
+                f"diverged: train/loss is {value} at epoch {epoch} batch {batch} (lr {lr:g}); the trial stopped there. "
+                "Lower the learning rate (the preset's lr, or --search optuna --space lr=...), or use --amp bf16/off "
+                "if fp16 overflowed"
+            )
+        total += value
         count += 1
     return total / max(count, 1)
 
@@ -253,6 +277,24 @@ def summarize(history: list[dict[str, float]], metrics: tuple[str, ...]) -> dict
         summary[f"best/{name}"] = best[metric]
         summary[f"last5/{name}"] = statistics.fmean(h[metric] for h in history[-5:])
     return summary
+
+
+def diverged(
+    cfg: TrialConfig,
+    tracker: Tracker | None,
+    report: Callable[[dict[str, Any], Path | None], None] | None,
+    epoch: int,
+    failure: str,
+    lr: float,
+) -> None:
+    """End a diverged trial: log the failure, and report it once more (no checkpoint: the last one holds the last
+    good epoch) so that the sweep marks the trial failed instead of retrying what would diverge again."""
+    logger.error("%s %s seed %d: %s", cfg.task, cfg.variant, cfg.seed, failure)
+    if tracker is not None:
+        tracker.log_epoch({"train/loss": math.nan, "lr": lr}, epoch)
+        tracker.log_failure(failure)
+    if report is not None:
+        report({"epoch": epoch, "train/loss": math.nan, "lr": lr, FAILURE_KEY: failure}, None)
 
 
 def save_checkpoint(state: dict[str, Any], folder: Path, name: str = CHECKPOINT_FILE) -> Path:
@@ -330,13 +372,14 @@ def train(
     try:
         for epoch in range(start, preset.epochs):
             epoch_start = time.perf_counter()
-            loss = train_one_epoch(net, task, train_loader, optimizer, device, preset, epoch, scaler=scaler)
+            try:
+                loss = train_one_epoch(net, task, train_loader, optimizer, device, preset, epoch, scaler=scaler)
+            except DivergedError as e:
+                failure = str(e)
+                diverged(cfg, tracker if rank == 0 else None, report, epoch, failure, scheduler.get_last_lr()[0])
+                return {"history": history, FAILURE_KEY: failure}
             train_s = time.perf_counter() - epoch_start
             scheduler.step()
-            if world_size > 1:
-                mean = torch.tensor([loss], device=device)
-                dist.all_reduce(mean)
-                loss = mean.item() / world_size
             metrics: dict[str, float] = {"epoch": epoch, "train/loss": loss, "lr": scheduler.get_last_lr()[0]}
             metrics["time/epoch_s"] = time.perf_counter() - epoch_start
             checkpoint_dir = None

@@ -15,6 +15,7 @@ class TrialResult:
     seed: int
     metrics: dict[str, float]  # e.g. {"best/top1": 76.2, "last5/top1": 75.9}; best/* at the headline's best epoch
     status: str = "ok"  # ok | failed | interrupted: such a trial stays in the table, never silently dropped
+    reason: str = ""  # why a failed trial failed, when known (a diverged loss)
 
 
 def summary_name(metric: str) -> str:

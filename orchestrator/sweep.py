@@ -31,6 +31,7 @@ from tasks import LayoutError, Preset, default_cache_dir, ensure_synthetic
 from . import report, tracking, weights
 from .cli import ArgumentParser, CliError, setup_logging
 from .config import SweepSettings
+from .loop import FAILURE_KEY
 
 log = logging.getLogger("orchestrator.sweep")  # not __name__: that is "__main__" under python -m
 
@@ -605,14 +606,15 @@ def collect_results(grid, p: Plan) -> list[report.TrialResult]:
         if p.search == "optuna":
             metrics.update({k: v for k, v in result.config.items() if k.startswith("space.")})
         epochs = tasks.get_task(cfg.task).presets[cfg.preset].updated(**cfg.overrides).epochs
-        if result.error is not None:
+        reason = str((result.metrics or {}).get(FAILURE_KEY, ""))
+        if result.error is not None or reason:
             status = "failed"
         elif metrics.get("epoch") == epochs - 1:
             status = "ok"
         else:
             status = "interrupted"  # stopped by Ctrl-C (or never started): --resume continues it
         label = cfg.variant if cfg.init == weights.SCRATCH else f"{cfg.variant} +init {cfg.init}"
-        results.append(report.TrialResult(label, cfg.seed, metrics, status))
+        results.append(report.TrialResult(label, cfg.seed, metrics, status, reason))
     return results
 
 
@@ -624,7 +626,9 @@ def layout_tables(task: tasks.Task, results: list[report.TrialResult]) -> dict[s
 def finish_sweep(p: Plan, results: list[report.TrialResult], experiment_id: str, parent: str, task: tasks.Task) -> str:
     """Log the comparison to the parent run and end it (FINISHED, FAILED or KILLED); return the status."""
     rows = report.comparison(results, report.columns(task.table_metrics))
-    tracking.log_text(p.tracking_uri, parent, report.markdown(rows), "comparison.md")
+    failures = [f"- {r.variant} seed {r.seed}: {r.reason}" for r in results if r.status == "failed" and r.reason]
+    failed = "\n\nFailed trials:\n" + "\n".join(failures) + "\n" if failures else "\n"
+    tracking.log_text(p.tracking_uri, parent, report.markdown(rows) + failed, "comparison.md")
     tracking.log_text(p.tracking_uri, parent, report.to_csv(rows), "comparison.csv")
     for i, (title, table) in enumerate(layout_tables(task, results).items()):
         tracking.log_text(p.tracking_uri, parent, f"{title}\n\n{table}\n", f"table-{i + 1}.md")
@@ -668,7 +672,10 @@ def closing_lines(p: Plan, results: list[report.TrialResult], experiment_id: str
     failed = sum(r.status == "failed" for r in results)
     interrupted = sum(r.status == "interrupted" for r in results)
     if failed:
-        lines.append(f"\n{failed} trial(s) failed; their errors are under {p.path}.")
+        lines.append(f"\n{failed} trial(s) failed:")
+        for r in results:
+            if r.status == "failed":
+                lines.append(f"  {r.variant} seed {r.seed}: {r.reason or f'its error is under {p.path}'}")
     if interrupted:
         lines.append(f"\n{interrupted} trial(s) interrupted before their last epoch.")
     if failed or interrupted:

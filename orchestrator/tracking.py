@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3.17 refuses a plain ./mlruns file store
 SWEEP_TAG, TRIAL_TAG = "bench.sweep", "bench.trial_id"
+FAILURE_TAG = "bench.failure"  # why a trial stopped early (a diverged loss), beside its FAILED status
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,11 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=new)
 
 
+def get_tag(uri: str, run_id: str, key: str) -> str | None:
+    """The run's tag `key`, or None when it has none."""
+    return MlflowClient(uri).get_run(run_id).data.tags.get(key)
+
+
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(uri).set_terminated(run_id, status=status)
 
@@ -170,6 +176,10 @@ class MlflowTracker:
     def logged_epochs(self, metric: str) -> set[int]:
         """The steps (epochs) at which `metric` is logged in this run."""
         return {m.step for m in self.client.get_metric_history(self.run_id, metric)}
+
+    def log_failure(self, reason: str) -> None:
+        """Why the trial stopped early, as the run's `bench.failure` tag (the trial function ends it FAILED)."""
+        self.client.set_tag(self.run_id, FAILURE_TAG, reason)
 
     def log_best(self, best_checkpoint: Path, evaluation: Evaluation) -> None:
         """The best epoch so far: its checkpoint (`checkpoints/best.pt`), confusion matrix (`confusion_matrix.csv`,

@@ -107,4 +107,8 @@ def run_trial(config: dict[str, Any]) -> None:
     except BaseException:
         tracking.finish_run(sweep.tracking_uri, run_id, "FAILED")
         raise
-    tracking.finish_run(sweep.tracking_uri, run_id, "FINISHED")
+    # A diverged trial returns normally, its reason in its last report (read by the sweep's table) and in the run's
+    # failure tag (set by rank 0; Train's own result holds only the metrics of the last checkpoint): raising here
+    # would make Tune restart it from its last checkpoint, to diverge again.
+    failed = tracking.get_tag(sweep.tracking_uri, run_id, tracking.FAILURE_TAG) is not None
+    tracking.finish_run(sweep.tracking_uri, run_id, "FAILED" if failed else "FINISHED")

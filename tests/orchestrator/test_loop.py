@@ -8,8 +8,16 @@ import torch
 
 import convs
 from orchestrator.config import TrialConfig
-from orchestrator.loop import CHECKPOINT_FILE, build_optimizer, prepare, train, train_one_epoch, variant_options
-from tasks import Evaluation, PresetError
+from orchestrator.loop import (
+    CHECKPOINT_FILE,
+    FAILURE_KEY,
+    build_optimizer,
+    prepare,
+    train,
+    train_one_epoch,
+    variant_options,
+)
+from tasks import Evaluation, PresetError, get_task
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +85,9 @@ class RecordingTracker:
 
     def logged_epochs(self, metric):
         return {c[1] for c in self.calls if c[0] == "epoch"}
+
+    def log_failure(self, reason):
+        self.calls.append(("failure", reason))
 
 
 def test_tracker_gets_every_epoch_the_typed_best_evaluation_and_the_summary(cache):
@@ -198,3 +209,23 @@ def test_loss_scaling_for_fp16_changes_nothing_but_the_scale(cache):
         report=lambda m, f: checkpoints.append(torch.load(f / CHECKPOINT_FILE, weights_only=False)),
     )
     assert checkpoints[0]["scaler"] == {}  # fp32: a disabled scaler, nothing to restore
+
+
+def test_a_diverging_trial_stops_at_the_first_bad_batch_and_says_why(cache, tmp_path):
+    """A model whose logits overflow (classifier weights x 1e38, finite) gives an infinite loss at the first batch:
+    the trial stops there, reports the reason once without a checkpoint, and its tracker records it."""
+    task = get_task("classification")
+    model = task.build_model(task.presets["smoke"], num_classes=4)
+    state = model.state_dict()
+    state["fc.weight"] = state["fc.weight"] * 1e38
+    torch.save(state, tmp_path / "overflowing.pt")
+    reports, tracker = [], RecordingTracker()
+    out = train(
+        config(cache, init=str(tmp_path / "overflowing.pt")),
+        report=lambda metrics, folder: reports.append((metrics, folder)),
+        tracker=tracker,
+    )
+    assert out["history"] == [] and out[FAILURE_KEY].startswith("diverged: train/loss is inf at epoch 0 batch 0")
+    ((metrics, folder),) = reports  # once, with nothing to resume from: the last good checkpoint stays the last
+    assert folder is None and metrics[FAILURE_KEY] == out[FAILURE_KEY] and metrics["epoch"] == 0
+    assert [c[0] for c in tracker.calls] == ["epoch", "failure"] and tracker.calls[1][1] == out[FAILURE_KEY]

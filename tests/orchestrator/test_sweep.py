@@ -271,3 +271,28 @@ def test_ctrl_c_marks_the_sweep_interrupted_and_resume_finishes_it(ray_session, 
     assert parent.info.status == "FINISHED" and [c.info.status for c in children] == ["FINISHED"]
     steps = [m.step for m in client.get_metric_history(children[0].info.run_id, "val/top1")]
     assert sorted(steps) == list(range(6))  # resumed from the checkpoint into the same run, each epoch once
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_is_failed_with_its_reason_and_the_others_finish(ray_session, tmp_path, capsys):
+    """--init from a model whose logits overflow: that trial stops at its first batch, is not retried, and says why
+    in the table, the closing lines and MLflow; the trial from scratch finishes."""
+    task = get_task("classification")
+    model = task.build_model(task.presets["smoke"], num_classes=4)
+    state = model.state_dict()
+    state["fc.weight"] = state["fc.weight"] * 1e38  # finite weights, infinite logits
+    torch.save(state, tmp_path / "overflowing.pt")
+    args = [*common(tmp_path, "diverge"), "--variants", "zero", "--seeds", "1", "--init", "scratch"]
+    results = sweep.main([*args, str(tmp_path / "overflowing.pt")])
+    by_init = {r.variant: r for r in results}
+    assert by_init["zero"].status == "ok" and by_init["zero"].metrics["epoch"] == 1
+    bad = by_init[f"zero +init {tmp_path / 'overflowing.pt'}"]
+    assert bad.status == "failed" and bad.reason.startswith("diverged: train/loss is inf at epoch 0 batch 0")
+    out = capsys.readouterr().out
+    assert "1 trial(s) failed:" in out and bad.reason in out
+    client, parent, children = _parent_and_children(tmp_path, "diverge")
+    status = {c.data.params["init"]: (c.info.status, c.data.tags.get(tracking.FAILURE_TAG)) for c in children}
+    assert status == {"scratch": ("FINISHED", None), str(tmp_path / "overflowing.pt"): ("FAILED", bad.reason)}
+    assert parent.info.status == "FAILED"
+    comparison = Path(client.download_artifacts(parent.info.run_id, "comparison.md", str(tmp_path))).read_text()
+    assert bad.reason in comparison
