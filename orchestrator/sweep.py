@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import socket
 import sys
 import time
@@ -92,9 +93,10 @@ def get_args_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--tracking-uri",
-        default=tracking.DEFAULT_TRACKING_URI,
+        default=os.environ.get("MLFLOW_TRACKING_URI") or tracking.DEFAULT_TRACKING_URI,
         metavar="URI",
-        help="MLflow store: sqlite:///file.db (default sqlite:///mlflow.db) or http://host:port",
+        help="MLflow store: sqlite:///file.db or http://host:port (default: $MLFLOW_TRACKING_URI when set, as the "
+        "cluster YAMLs set it on the head to its MLflow server; else sqlite:///mlflow.db here)",
     )
     p.add_argument(
         "--workers-per-trial", type=int, default=1, metavar="N", help="Ray Train workers per trial (DDP; default 1)"
@@ -233,6 +235,12 @@ def plan(args: Any, *, cuda: bool, now: float | None = None) -> Plan:
         raise CliError(
             f"the batch of {preset.batch_size} (global, as in the thesis) does not split across "
             f"{args.workers_per_trial} workers per trial; pick --workers-per-trial dividing it"
+        )
+    if urlparse(args.tracking_uri).password:
+        raise CliError(
+            "--tracking-uri (or $MLFLOW_TRACKING_URI) holds a password; it would be recorded in every trial's params "
+            "and the sweep's saved state. Give the URI without user:password@ and put the credentials in "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
         )
     inits = parse_inits(getattr(args, "init", None))
     space = parse_space(args.space, preset)
@@ -732,7 +740,13 @@ def main(argv: list[str] | None = None) -> list[report.TrialResult]:
                 ({}, None, 1)
                 if p.resume
                 else build_param_space(
-                    p, sweep, data_root=data.data_root, cache_dir=data.cache_dir, loader_workers=res.loader_workers
+                    p,
+                    sweep,
+                    data_root=data.data_root,
+                    # On a cluster each node generates the synthetic data into its own cache (the driver's folder may
+                    # not exist there); on this machine the trials reuse what prepare_data wrote.
+                    cache_dir=data.cache_dir if p.address is None else None,
+                    loader_workers=res.loader_workers,
                 )
             )
             tuner = build_tuner(p, space, search_alg, num_samples, res.max_concurrent)

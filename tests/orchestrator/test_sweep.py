@@ -165,6 +165,14 @@ def test_unreachable_tracking_server_and_ray_address_fail_fast(tmp_path, monkeyp
         )
     with pytest.raises(tracking.TrackingError, match="plain file store"):
         tracking.check_tracking_uri("./mlruns")
+    # On a cluster the head's MLflow server comes through MLFLOW_TRACKING_URI (the cluster YAMLs set it).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    with pytest.raises(SystemExit, match="cannot reach the MLflow tracking server at http://127.0.0.1:9"):
+        sweep.main(["--preset", "smoke"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bench:hunter2@127.0.0.1:9")
+    with pytest.raises(SystemExit, match="holds a password") as refused:
+        sweep.main(["--preset", "smoke"])
+    assert "hunter2" not in str(refused.value)
 
 
 def _train_worker_pids() -> list[int]:
