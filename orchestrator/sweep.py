@@ -29,7 +29,7 @@ import convs
 import tasks
 from tasks import LayoutError, Preset, default_cache_dir, ensure_synthetic
 
-from . import report, tracking, weights
+from . import report, storage, tracking, weights
 from .cli import ArgumentParser, CliError, setup_logging
 from .config import SweepSettings
 from .loop import FAILURE_KEY
@@ -39,7 +39,8 @@ log = logging.getLogger("orchestrator.sweep")  # not __name__: that is "__main__
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 ARGS_FILE = "sweep-args.json"  # the command line a sweep started with, beside Tune's state: --resume reads it
 RESUMABLE = ("resume", "name", "storage", "address")  # what --resume may set; everything else is the sweep's own
-NOT_SEARCHABLE = ("synthetic", "model", "model_options", "variants")  # preset fields that --space cannot sample
+# Preset fields that --space cannot sample: the data, the model, the arms, and what a damaged image does.
+NOT_SEARCHABLE = ("synthetic", "model", "model_options", "variants", "bad_images")
 
 
 def get_args_parser() -> ArgumentParser:
@@ -74,6 +75,12 @@ def get_args_parser() -> ArgumentParser:
         help="mixed precision, overriding the preset's (the thesis trained in fp32: off in the thesis presets)",
     )
     p.add_argument(
+        "--bad-images",
+        choices=("fail", "skip"),
+        help="a corrupt or truncated image: fail stops the trial naming the file (the presets' default), skip leaves "
+        "it out and names it in a warning",
+    )
+    p.add_argument(
         "--data-root",
         metavar="PATH",
         help="the real dataset (its on-disk layout is checked); default: a synthetic stand-in in the "
@@ -88,8 +95,18 @@ def get_args_parser() -> ArgumentParser:
         "--storage",
         default="sweeps",
         metavar="PATH|URI",
-        help="where Ray keeps trial state and checkpoints: a local path or s3://bucket/prefix "
-        "(default ./sweeps); on a multi-node cluster use shared storage",
+        help="where Ray keeps trial state and checkpoints: a local path or s3://bucket/prefix (default ./sweeps). "
+        "S3 takes its credentials from the standard AWS settings and an S3-compatible endpoint from AWS_ENDPOINT_URL; "
+        "the bucket is checked (exists, credentials accepted, writable) before any trial starts. On a multi-node "
+        "cluster a local path must be shared by every node (checked after Ray starts)",
+    )
+    p.add_argument(
+        "--artifact-location",
+        metavar="URI",
+        help="where MLflow keeps the artifacts (checkpoints, tables, plots) of the task's experiment when this run "
+        "creates it, e.g. s3://bucket/mlflow (checked like --storage); default: the tracking server's (mlflow server "
+        "--artifacts-destination) or the store's. MLflow cannot move an existing experiment's artifacts: one kept "
+        "elsewhere is an error",
     )
     p.add_argument(
         "--tracking-uri",
@@ -175,6 +192,7 @@ class Plan:
     storage: str  # absolute local path or a URI
     tracking_uri: str  # absolute for SQLite (Ray workers run in other folders)
     address: str | None  # Ray cluster; None = a local Ray started here
+    artifact_location: str | None = None  # --artifact-location: MLflow artifacts of a new experiment; None = default
     workers_per_trial: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # None: 1 if the cluster has GPUs
@@ -223,6 +241,8 @@ def plan(args: Any, *, cuda: bool, now: float | None = None) -> Plan:
     overrides: dict[str, Any] = {"epochs": args.epochs} if args.epochs is not None else {}
     if args.amp is not None:
         overrides["amp"] = None if args.amp == "off" else args.amp
+    if getattr(args, "bad_images", None) is not None:  # absent from the saved arguments of older sweeps
+        overrides["bad_images"] = args.bad_images
     try:
         preset = task.presets[preset_name].updated(**overrides)
     except ValueError as e:
@@ -264,6 +284,7 @@ def plan(args: Any, *, cuda: bool, now: float | None = None) -> Plan:
         storage=paths["storage"],
         tracking_uri=paths["tracking_uri"],
         address=args.address,
+        artifact_location=getattr(args, "artifact_location", None),
         workers_per_trial=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker,
@@ -377,26 +398,30 @@ def _absolute_tracking(uri: str) -> str:
 # before Ray: data and services ---------------------------------------------------------------------------------------
 
 
-def _args_file(storage: str, name: str) -> tuple[Any, str]:
-    import pyarrow.fs  # Ray's storage layer: local paths and s3:// alike
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+def _args_file(storage_path: str, name: str) -> tuple[Any, str]:
+    fs, root = storage.filesystem(storage_path)  # Ray's storage layer (pyarrow): local paths and s3:// alike
     return fs, f"{root.rstrip('/')}/{name}/{ARGS_FILE}"
 
 
-def read_saved_args(storage: str, name: str) -> dict[str, Any] | None:
-    """The arguments sweep `name` under `storage` started with, or None when it has none saved."""
+def read_saved_args(storage_path: str, name: str) -> dict[str, Any] | None:
+    """The arguments sweep `name` under `storage_path` started with, or None when it has none saved."""
     import pyarrow.fs
 
-    fs, path = _args_file(storage, name)
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
+    try:
+        fs, path = _args_file(storage_path, name)
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+    except OSError as e:
+        storage.check_storage(storage_path)  # says what is wrong with a bucket, its endpoint or the credentials
+        raise CliError(f"cannot read sweep {name!r} under --storage {storage_path} ({e})") from None
 
 
 def save_args(p: Plan) -> None:
-    """Keep the sweep's arguments beside its state (write, then rename: a crash never leaves half a file)."""
+    """Keep the sweep's arguments beside its state (write, then rename: a crash never leaves half a file; on S3 the
+    rename is a copy, the object appears whole either way). They hold no secret: `plan` refuses a tracking URI with
+    a password, `check_services` a storage or artifact URI with credentials."""
     fs, path = _args_file(p.storage, p.name)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path + ".tmp") as f:
@@ -433,11 +458,16 @@ def prepare_data(p: Plan) -> Data:
 
 
 def check_services(p: Plan) -> None:
-    """Fail fast, with the fix, when the MLflow store or the Ray cluster cannot be reached."""
+    """Fail fast, with the fix, when the MLflow store, the storage, the artifact location or the Ray cluster cannot
+    be reached or used: an s3:// --storage or --artifact-location must exist, accept the credentials and take a write
+    (see `storage.check_bucket`)."""
     try:
         tracking.check_tracking_uri(p.tracking_uri)
     except tracking.TrackingError as e:
         raise CliError(str(e)) from None
+    storage.check_storage(p.storage)
+    if p.artifact_location:
+        storage.check_artifact_location(p.artifact_location)
     for init in p.inits:
         try:
             weights.check_init(weights.parse_init(init), p.tracking_uri)
@@ -491,7 +521,10 @@ def trial_resources(p: Plan, cluster: dict[str, float]) -> Resources:
 
 def open_sweep_run(p: Plan, res: Resources, data: Data) -> tuple[str, str]:
     """(experiment id, parent run id): the task's MLflow experiment and the sweep's run, found again on resume."""
-    experiment_id = tracking.ensure_experiment(p.tracking_uri, p.task)
+    try:
+        experiment_id = tracking.ensure_experiment(p.tracking_uri, p.task, p.artifact_location)
+    except tracking.TrackingError as e:
+        raise CliError(str(e)) from None
     parent = tracking.find_or_create_run(
         p.tracking_uri, experiment_id, tags={tracking.SWEEP_TAG: p.name}, key=tracking.SWEEP_TAG, name=p.name
     )
@@ -562,6 +595,9 @@ def build_tuner(p: Plan, param_space: dict[str, Any], search_alg: Any, num_sampl
     # resource), so Train workers get whole cores. With 0.01 CPU, two trials on 2 CPUs would need 2.02 and the
     # second trial's worker would wait for a core until Ray Train's 60 s start-up timeout.
     trainable = ray.tune.with_resources(run_trial, {"CPU": 0, "memory": 2**20})
+    # p.path may be s3://bucket/prefix/name: Tune (here), Train (in each trial) and their restores resolve it through
+    # pyarrow, which reads the endpoint (AWS_ENDPOINT_URL) and credentials from each process's environment, so no
+    # storage_filesystem is passed (and none, with what it holds, is pickled into Tune's saved state).
     exists = ray.tune.Tuner.can_restore(p.path)
     if p.resume:
         if not exists:
@@ -717,6 +753,7 @@ def main(argv: list[str] | None = None) -> list[report.TrialResult]:
     if own_ray:
         ray.init(address=p.address, log_to_driver=True, configure_logging=False)
     try:
+        storage.check_shared_storage(p.storage)  # a local --storage on a multi-node cluster: every node must see it
         res = trial_resources(p, ray.cluster_resources())
         experiment_id, parent = open_sweep_run(p, res, data)
         try:

@@ -62,15 +62,41 @@ def check_tracking_uri(uri: str, *, timeout: float = 5.0) -> None:
         )
 
 
-def ensure_experiment(uri: str, name: str) -> str:
-    """The id of experiment `name`, created if missing (in the driver, before trials start: creation races)."""
+def ensure_experiment(uri: str, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name`, created if missing (in the driver, before trials start: creation races), with
+    its artifacts at `artifact_location` (None: the store's or server's default, e.g. `mlflow server
+    --artifacts-destination s3://...`).
+
+    MLflow cannot change an existing experiment's artifact location: `TrackingError` when `artifact_location` is
+    given and the experiment keeps its artifacts elsewhere (silently logging there would put a sweep's checkpoints
+    where the user did not ask, perhaps on a disk the cluster's nodes do not share).
+    """
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-    return client.create_experiment(name)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location or beside_store(uri, name))
+    if artifact_location and experiment.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+        raise TrackingError(
+            f"--artifact-location {artifact_location}: the MLflow experiment {name!r} in {uri} already keeps its "
+            f"artifacts at {experiment.artifact_location}, and MLflow cannot move an experiment's artifacts. Drop "
+            "--artifact-location to log there, use another tracking store (--tracking-uri), or delete the experiment "
+            f"(`mlflow experiments delete`, then `mlflow gc`) to recreate it at {artifact_location}"
+        )
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def beside_store(uri: str, name: str) -> str | None:
+    """The default artifact location of a new experiment in a SQLite store: `mlruns/<name>` in the database's folder.
+
+    MLflow's own default is `./mlruns` in the working directory of whichever process creates the experiment, so two
+    stores made from one folder (two sweeps' `--tracking-uri`, or a test's) would mix their artifacts there. None for
+    a server, which decides itself (`mlflow server --artifacts-destination`).
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    return str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns" / name)
 
 
 def find_or_create_run(

@@ -58,6 +58,8 @@ def test_segmentation_artifacts(tracker, tmp_path):
     lines = open(client.download_artifacts(run, "confusion_matrix.csv", str(tmp_path))).read().splitlines()
     assert lines[0].startswith("true \\ predicted,road,sidewalk,") and len(lines) == 20
     assert json.load(open(client.download_artifacts(run, "summary.json", str(tmp_path)))) == {"best/miou": 12.5}
+    # The artifacts live beside the store, not in ./mlruns of whatever folder the process was started from.
+    assert (tmp_path / "mlruns" / "tracking-test" / run / "artifacts" / "summary.json").is_file()
 
 
 def test_a_task_without_tables_logs_only_the_confusion_matrix(tracker, tmp_path):
