@@ -5,12 +5,16 @@ Layout and recipe: docs/datasets.md, "ImageNet classification".
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torchvision
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from .. import images
 from ..common import IMAGENET_MEAN, IMAGENET_STD
 from ..data import LayoutError
 from .presets import ClassificationPreset
@@ -67,10 +71,33 @@ def check_layout(root: Path) -> None:
         )
 
 
+class _BadImagesHandled:
+    """torchvision's folder datasets reading through `images.open_rgb` (decoded whole), a damaged file handled as the
+    preset's `bad_images` says: "skip" serves the next image of the same class in its place (`images.BadImages`)."""
+
+    def __init__(self, *args: Any, bad_images: str, **kwargs: Any) -> None:
+        super().__init__(*args, loader=images.open_rgb, **kwargs)
+        self.bad_images = images.BadImages(bad_images)
+        self._classes = np.asarray(self.targets, dtype=np.int64)
+
+    def __getitem__(self, index: int) -> Any:
+        candidates = partial(images.substitutes, index, len(self), self._classes)
+        return self.bad_images.get(super().__getitem__, index, candidates)
+
+
+class ImageFolder(_BadImagesHandled, torchvision.datasets.ImageFolder):
+    """`torchvision.datasets.ImageFolder`, damaged files handled as `bad_images` says."""
+
+
+class ImageNet(_BadImagesHandled, torchvision.datasets.ImageNet):
+    """`torchvision.datasets.ImageNet`, damaged files handled as `bad_images` says."""
+
+
 def build_dataset(root: Path, preset: ClassificationPreset, split: str) -> Dataset:
-    """The real loader: torchvision's ImageNet where meta.bin exists, else ImageFolder on ROOT/<split>."""
+    """The real loader: torchvision's ImageNet where meta.bin exists, else ImageFolder on ROOT/<split>; images
+    decoded whole, a damaged one handled as `preset.bad_images` says (`tasks.images`)."""
     check_layout(root)
     transform = build_transform(preset, train=split == "train")
     if (Path(root) / "meta.bin").exists():
-        return torchvision.datasets.ImageNet(str(root), split=split, transform=transform)
-    return torchvision.datasets.ImageFolder(str(Path(root) / split), transform=transform)
+        return ImageNet(str(root), split=split, transform=transform, bad_images=preset.bad_images)
+    return ImageFolder(str(Path(root) / split), transform=transform, bad_images=preset.bad_images)

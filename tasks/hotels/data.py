@@ -26,6 +26,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,6 +37,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from .. import images
 from ..common import IMAGENET_MEAN, IMAGENET_STD, log_progress
 from ..data import LayoutError
 from .presets import HotelsPreset
@@ -774,7 +776,11 @@ def paste_occluder(valid: torch.Tensor, crop: bytes, scale: tuple[float, float])
 
 class _Images(Dataset):
     """Records as compact numpy arrays: paths relative to the root as fixed-width bytes (no per-item Python
-    objects, so forked DataLoader workers do not copy them on access), ids as int64, sources as int8."""
+    objects, so forked DataLoader workers do not copy them on access), ids as int64, sources as int8.
+
+    Files are decoded whole (`images.open_image`); a damaged image or mask is handled as `preset.bad_images` says:
+    "skip" serves the next image of the same hotel in its place (`images.BadImages`), so a training batch keeps its
+    hotels x images shape. Cleaning (`load_index`) already left out the files whose headers PIL cannot read."""
 
     def __init__(self, root: Path, records: list[Record], preset: HotelsPreset) -> None:
         self.root = Path(root)
@@ -788,14 +794,21 @@ class _Images(Dataset):
         self.hotel_ids = np.array([r.hotel_id for r in records], dtype=np.int64)
         self.chain_ids = np.array([r.chain_id for r in records], dtype=np.int64)
         self.sources = np.array([SOURCES.index(r.source) for r in records], dtype=np.int8)
+        self.bad_images = images.BadImages(preset.bad_images)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _open(self, relative: bytes) -> Image.Image:
-        with Image.open(self.root / os.fsdecode(relative)) as image:
-            image.load()
-            return image
+    def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, torch.Tensor], object]:
+        candidates = partial(images.substitutes, index, len(self), self.hotel_ids)
+        return self.bad_images.get(self._load, index, candidates)
+
+    def _load(self, index: int) -> tuple[tuple[torch.Tensor, torch.Tensor], object]:
+        """Item `index`; `CorruptImageError` for a damaged image or mask."""
+        raise NotImplementedError
+
+    def _open(self, relative: bytes, mode: str | None = None) -> Image.Image:
+        return images.open_image(self.root / os.fsdecode(relative), mode)
 
 
 class TrainImages(_Images):
@@ -812,7 +825,7 @@ class TrainImages(_Images):
         self.crops = crops
         self.occlusion_prob, self.occluder_scale = preset.occlusion_prob, preset.occluder_scale
 
-    def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+    def _load(self, index: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
         image = resize_shorter(self._open(self.paths[index]), self.resize)
         side = self.image_size
         width, height = image.size
@@ -833,12 +846,12 @@ class EvalImages(_Images):
     < 255 occluded) or all ones, and occluded pixels are 0 after normalisation, as in training.
     """
 
-    def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        image = self._open(self.paths[index]).convert("RGB")
+    def _load(self, index: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        image = self._open(self.paths[index], "RGB")
         side = self.image_size
         pixels = F.center_crop(resize_shorter(image, self.resize), [side, side])
         if self.masks[index]:
-            mask = self._open(self.masks[index]).convert("L")
+            mask = self._open(self.masks[index], "L")
             if mask.size != image.size:
                 mask = F.resize(mask, [image.height, image.width], interpolation=InterpolationMode.NEAREST)
             valid = _valid_from_mask(F.center_crop(resize_shorter(mask, self.resize, nearest=True), [side, side]))

@@ -6,6 +6,7 @@ Layout, label ids and recipe: docs/datasets.md, "Cityscapes segmentation". The r
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from .. import images
 from ..common import IMAGENET_MEAN, IMAGENET_STD
 from ..data import LayoutError
 from .presets import SegmentationPreset
@@ -234,8 +236,27 @@ def check_layout(root: Path) -> None:
         )
 
 
+class Cityscapes(torchvision.datasets.Cityscapes):
+    """torchvision's Cityscapes (fine, semantic), reading the image and its labelIds PNG through `images.open_image`
+    (decoded whole), a damaged one of the two handled as `bad_images` says: "skip" serves the next pair in its place
+    (`images.BadImages`)."""
+
+    def __init__(self, root: Path, split: str, *, transforms: JointTransform, bad_images: str) -> None:
+        super().__init__(str(root), split=split, mode="fine", target_type="semantic", transforms=transforms)
+        self.bad_images = images.BadImages(bad_images)
+
+    def _load(self, index: int) -> tuple[Any, Any]:
+        image = images.open_image(self.images[index], "RGB")
+        target = images.open_image(self.targets[index][0])
+        return self.transforms(image, target) if self.transforms is not None else (image, target)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        return self.bad_images.get(self._load, index, partial(images.substitutes, index, len(self)))
+
+
 def build_dataset(root: Path, preset: SegmentationPreset, split: str) -> Dataset:
-    """The real loader: torchvision's Cityscapes (fine, semantic), files in sorted order, ids -> train ids."""
+    """The real loader: torchvision's Cityscapes (fine, semantic), files in sorted order, ids -> train ids; images
+    and labels decoded whole, a damaged one handled as `preset.bad_images` says (`tasks.images`)."""
     check_layout(root)
     transform = JointTransform(
         preset.image_size,
@@ -245,9 +266,7 @@ def build_dataset(root: Path, preset: SegmentationPreset, split: str) -> Dataset
         color_jitter=preset.color_jitter,
         gaussian_blur=preset.gaussian_blur,
     )
-    data = torchvision.datasets.Cityscapes(
-        str(root), split=split, mode="fine", target_type="semantic", transforms=transform
-    )
+    data = Cityscapes(root, split, transforms=transform, bad_images=preset.bad_images)
     pairs = sorted(zip(data.images, data.targets, strict=True))  # os.listdir order differs between machines
     data.images, data.targets = [p[0] for p in pairs], [p[1] for p in pairs]
     return data

@@ -57,6 +57,8 @@ def test_plan_applies_overrides_and_names():
         (["--seeds", "three"], "invalid int value: 'three'"),
         (["--variants", "gated:norm=middle"], "norm"),
         (["--amp", "fp8"], "invalid choice: 'fp8'"),
+        (["--bad-images", "ignore"], "invalid choice: 'ignore'"),
+        (["--space", "bad_images=choice:fail,skip"], "unknown preset key 'bad_images'"),
         (["--task", "classification", "--workers-per-trial", "5"], "batch of 32 .* does not split across 5 workers"),
     ],
 )
@@ -70,6 +72,7 @@ def test_plan_takes_variant_specs_amp_and_the_presets_default_arms():
     p = make_plan("--task", "classification", "--variants", "zero", "gated:norm=inside", "edge_no7", "--amp", "bf16")
     assert p.variants == ("zero", "gated:norm=inside", "edge_no7") and p.preset.amp == "bf16"
     assert p.overrides == {"amp": "bf16"} and make_plan("--amp", "off").preset.amp is None
+    assert p.preset.bad_images == "fail" and make_plan("--bad-images", "skip").preset.bad_images == "skip"
     thesis = make_plan("--task", "classification", "--preset", "thesis")
     assert thesis.variants == thesis.preset.variants and "edge_no7" in thesis.variants
     assert make_plan("--task", "classification", "--workers-per-trial", "2").preset.batch_size % 2 == 0

@@ -31,6 +31,7 @@ BAD = {
     "variant_start": ["copied", "", None],
     "model_options": [None, [("output_stride", 8)], "output_stride=8"],
     "synthetic": [None, 3],
+    "bad_images": ["Skip", "ignore", "", None, True],
     "eval_size": [0, 1.5, None],
     "crop_scale": [(0, 1), (0.5, 0.2), (0.5, 1.5), (0.5,), "0.5,1", (0.1, math.nan), (-0.1, 1.0), None],
     "tile_size": [0, -1, 2.5, True],

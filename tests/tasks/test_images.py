@@ -1,0 +1,196 @@
+"""`tasks.images`: files decoded whole, a damaged one named with its reason and the fix, and the preset's choice
+between failing and skipping (a substitute item from the same group, each file warned about once)."""
+
+import io
+import logging
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import DataLoader, Dataset
+
+import tasks
+from tasks import images
+from tasks.images import BAD_IMAGES, BadImages, CorruptImageError, open_image, substitutes
+
+
+@pytest.fixture(autouse=True)
+def fresh_log(monkeypatch):
+    """Each test starts with no file warned about yet in this process."""
+    monkeypatch.setattr(images, "_logged", set())
+
+
+def encoded(fmt: str, mode: str = "RGB", size: tuple[int, int] = (40, 30)) -> bytes:
+    rng = np.random.default_rng(0)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(out, fmt)
+    return out.getvalue()
+
+
+DAMAGE = {
+    "jpeg cut in half": lambda: encoded("JPEG")[: len(encoded("JPEG")) // 2],
+    "png cut in half": lambda: encoded("PNG")[: len(encoded("PNG")) // 2],
+    "label png cut in half": lambda: encoded("PNG", "L")[: len(encoded("PNG", "L")) // 2],
+    "png header then garbage": lambda: encoded("PNG")[:60] + np.random.default_rng(1).bytes(600),
+    "garbage": lambda: np.random.default_rng(2).bytes(800),
+    "html error page": lambda: b"<html>404 Not Found</html>",
+    "empty": lambda: b"",
+}
+
+
+@pytest.mark.parametrize("fmt,mode", [("JPEG", "RGB"), ("PNG", "RGB"), ("PNG", "L")])
+def test_a_good_file_is_decoded_whole_and_outlives_its_file(tmp_path, fmt, mode):
+    path = tmp_path / f"good.{fmt.lower()}"
+    path.write_bytes(encoded(fmt, mode))
+    image = open_image(path)
+    assert image.mode == mode and image.size == (40, 30)
+    assert np.asarray(image).shape[:2] == (30, 40)  # pixels there after the file was closed
+    assert open_image(path, "RGB").mode == "RGB" and open_image(str(path), "L").mode == "L"
+    if fmt == "PNG":  # lossless: the same pixels PIL's lazy open gives
+        with Image.open(path) as lazy:
+            assert np.array_equal(np.asarray(open_image(path)), np.asarray(lazy))
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_file_raises_naming_the_file_the_reason_and_the_fix(tmp_path, damage):
+    path = tmp_path / "n01440764" / "bad.JPEG"
+    path.parent.mkdir()
+    path.write_bytes(DAMAGE[damage]())
+    with pytest.raises(CorruptImageError) as error:
+        open_image(path, "RGB")
+    message = str(error.value)
+    assert message.startswith(f"Cannot decode the image {path} (")
+    assert 'bad_images="skip"' in message and "Replace the file" in message
+    assert error.value.path == str(path) and error.value.reason in message
+    assert isinstance(error.value, ValueError) and error.value.__cause__ is not None
+
+
+def test_pil_lazy_open_alone_would_not_notice_a_cut_jpeg(tmp_path):
+    """Why `open_image` decodes at once: the header is intact, only the pixels are missing."""
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(DAMAGE["jpeg cut in half"]())
+    with Image.open(path) as image:
+        assert image.size == (40, 30)
+    with pytest.raises(CorruptImageError, match="truncated"):
+        open_image(path)
+
+
+def test_the_error_keeps_its_type_and_path_across_processes(tmp_path):
+    path = tmp_path / "bad.png"
+    path.write_bytes(DAMAGE["png cut in half"]())
+    with pytest.raises(CorruptImageError) as error:
+        open_image(path)
+    copy = pickle.loads(pickle.dumps(error.value))
+    assert (type(copy), str(copy), copy.path, copy.reason) == (
+        CorruptImageError,
+        str(error.value),
+        error.value.path,
+        error.value.reason,
+    )
+    assert str(CorruptImageError("message only")) == "message only"  # how a DataLoader worker's error is rebuilt
+
+    class Files(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            return torch.from_numpy(np.asarray(open_image(path)).copy())
+
+    with pytest.raises(CorruptImageError, match=str(path)):
+        next(iter(DataLoader(Files(), batch_size=2, num_workers=1)))
+
+
+def test_a_missing_file_is_the_file_systems_fault_never_skipped(tmp_path):
+    path = tmp_path / "gone.jpg"
+    with pytest.raises(FileNotFoundError) as error:
+        open_image(path)
+    assert not isinstance(error.value, CorruptImageError)
+    assert any(str(path) in note for note in error.value.__notes__)
+    with pytest.raises(FileNotFoundError):
+        BadImages("skip").get(lambda i: open_image(path), 0, lambda: iter([1]))
+
+
+def test_a_decompression_bomb_is_raised_naming_the_file_never_skipped(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    path.write_bytes(encoded("PNG"))  # 1200 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # more than twice the limit: PIL's error
+    with pytest.raises(Image.DecompressionBombError, match=rf"^{path}: .*MAX_IMAGE_PIXELS") as error:
+        open_image(path)
+    assert not isinstance(error.value, CorruptImageError)
+    with pytest.raises(Image.DecompressionBombError):
+        BadImages("skip").get(lambda i: open_image(path), 0, lambda: iter([1]))
+
+
+def test_truncated_images_are_never_loaded_silently(tmp_path, monkeypatch):
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # with every task imported (`tasks` imports them all)
+    path = tmp_path / "good.png"
+    path.write_bytes(encoded("PNG"))
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES is True"):
+        open_image(path)
+
+
+def test_substitutes_come_from_the_same_group_first_then_the_next_items():
+    assert list(substitutes(2, 5)) == [3, 4, 0, 1]
+    assert list(substitutes(0, 1)) == []
+    groups = np.array([7, 8, 7, 7, 8, 9])
+    assert list(substitutes(2, 6, groups)) == [3, 0, 4, 5, 1]
+    assert list(substitutes(5, 6, groups)) == [0, 1, 2, 3, 4]  # alone in its group
+
+
+def loader_with_bad(bad: set[int], calls: list[int]):
+    def load(index):
+        calls.append(index)
+        if index in bad:
+            raise CorruptImageError(f"item {index} is bad", path=f"/data/{index}.jpg", reason="truncated")
+        return index
+
+    return load
+
+
+def test_fail_lets_the_error_through():
+    with pytest.raises(CorruptImageError, match="item 1 is bad"):
+        BadImages("fail").get(loader_with_bad({1}, []), 1, lambda: pytest.fail("no substitute with fail"))
+
+
+def test_skip_serves_the_first_good_substitute_and_warns_once_per_file(caplog):
+    calls: list[int] = []
+    load, skip = loader_with_bad({1, 2}, calls), BadImages("skip")
+    with caplog.at_level(logging.WARNING, logger="tasks.images"):
+        assert skip.get(load, 0, lambda: iter([1, 2, 3])) == 0
+        assert skip.get(load, 1, lambda: iter([2, 3, 0])) == 3
+        assert skip.get(load, 1, lambda: iter([2, 3, 0])) == 3  # again (a later epoch): straight to the substitute
+        assert skip.get(load, 2, lambda: iter([3, 0, 1])) == 3
+    assert calls == [0, 1, 2, 3, 3, 3]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        "bad_images=skip: leaving out the damaged image /data/1.jpg (truncated)",
+        "bad_images=skip: leaving out the damaged image /data/2.jpg (truncated)",
+    ]
+    assert skip.bad == {1, 2}
+
+
+def test_skip_with_nothing_readable_says_so():
+    with pytest.raises(CorruptImageError, match=r"no item of this dataset can be decoded \(3 tried for item 0"):
+        BadImages("skip").get(loader_with_bad({0, 1, 2}, []), 0, lambda: iter([1, 2]))
+
+
+def test_an_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="bad_images='ignore': expected one of fail, skip"):
+        BadImages("ignore")
+
+
+@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+def test_every_preset_fails_on_a_damaged_file_unless_told_to_skip(name):
+    presets = tasks.get_task(name).presets
+    assert {preset.bad_images for preset in presets.values()} == {"fail"}
+    assert presets["smoke"].updated(bad_images="skip").bad_images == "skip"
+    with pytest.raises(tasks.PresetError) as error:
+        presets["smoke"].updated(bad_images="ignore")
+    assert str(error.value) == (
+        "Invalid preset value bad_images='ignore': expected one of fail, skip (e.g. bad_images=\"skip\")."
+    )
+    assert tasks.Preset.checks["bad_images"].choices == BAD_IMAGES
