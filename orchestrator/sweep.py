@@ -67,7 +67,10 @@ def get_args_parser() -> ArgumentParser:
         "runs:/<run_id> (a trial of this project) or torchvision:<Weights>.<NAME> from the local torch cache; a "
         "plain model converts to any variant (new filters start as copies), a converted one loads into its own",
     )
-    p.add_argument("--preset", help="recipe: thesis, cpu or smoke (default: thesis with a GPU, cpu without)")
+    p.add_argument(
+        "--preset",
+        help="recipe: thesis, cpu or smoke (default: thesis with a GPU here or --gpus-per-worker > 0, else cpu)",
+    )
     p.add_argument("--epochs", type=int, metavar="N", help="override the preset's number of epochs")
     p.add_argument(
         "--amp",
@@ -204,6 +207,12 @@ class Plan:
     args: dict[str, Any] = field(default_factory=dict)  # the command line, paths absolute: saved for --resume
 
     @property
+    def trial_count(self) -> int:
+        """Trials in the sweep: variants x inits x seeds (x Optuna samples)."""
+        samples = self.num_samples if self.search == "optuna" else 1
+        return len(self.variants) * len(self.inits) * len(self.seeds) * samples
+
+    @property
     def path(self) -> str:
         """Where Tune keeps this sweep's state."""
         return f"{self.storage}/{self.name}"
@@ -235,7 +244,8 @@ def plan(args: Any, *, cuda: bool, now: float | None = None) -> Plan:
         raise CliError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
     if args.resume and not args.name:
         raise CliError("--resume needs --name SWEEP (the name printed when the sweep started)")
-    preset_name = args.preset or ("thesis" if cuda else "cpu")
+    # A GPU here, or GPUs asked for (a cluster whose head has none): the thesis recipe.
+    preset_name = args.preset or ("thesis" if cuda or (args.gpus_per_worker or 0) > 0 else "cpu")
     if preset_name not in task.presets:
         raise CliError(f"unknown preset {preset_name!r} for {task.name}; known presets: {', '.join(task.presets)}")
     overrides: dict[str, Any] = {"epochs": args.epochs} if args.epochs is not None else {}
@@ -503,19 +513,35 @@ class Resources:
 
 
 def trial_resources(p: Plan, cluster: dict[str, float]) -> Resources:
-    """Fit the trials to the cluster's CPUs and GPUs (`ray.cluster_resources()`); `CliError` if one cannot fit."""
+    """Fit the trials to the cluster's CPUs and GPUs (`ray.cluster_resources()`); `CliError` if one cannot fit.
+
+    A cluster (`--address`) asked for GPUs explicitly (`--gpus-per-worker`) may have fewer now than the sweep can
+    use: the cluster YAMLs start with no GPU workers, and Ray's autoscaler adds nodes for the trials that wait for
+    them. Then every trial may start (or `--max-concurrent`), instead of as many as fit the nodes present.
+    """
     cpus, gpus_total = cluster.get("CPU", 0), cluster.get("GPU", 0)
     gpus = p.gpus_per_worker if p.gpus_per_worker is not None else (1.0 if gpus_total else 0.0)
     trial_cpus, trial_gpus = p.workers_per_trial * p.cpus_per_worker, p.workers_per_trial * gpus
+    loader_workers = p.loader_workers if p.loader_workers is not None else (4 if gpus else 0)
+    if p.address is not None and p.gpus_per_worker:
+        fits_now = math.floor(min(cpus / trial_cpus, gpus_total / trial_gpus))
+        log.info(
+            "the cluster holds %d trial(s) of %g GPUs and %g CPUs now; the others wait for the autoscaler to add "
+            "nodes (up to the cluster's max_workers)",
+            fits_now,
+            trial_gpus,
+            trial_cpus,
+        )
+        return Resources(gpus, p.max_concurrent or p.trial_count, loader_workers)
     if trial_cpus > cpus or trial_gpus > gpus_total:
         raise CliError(
             f"one trial needs {trial_cpus:g} CPUs and {trial_gpus:g} GPUs but the cluster has {cpus:g} CPUs and "
-            f"{gpus_total:g} GPUs; lower --workers-per-trial, --cpus-per-worker or --gpus-per-worker"
+            f"{gpus_total:g} GPUs; lower --workers-per-trial, --cpus-per-worker or --gpus-per-worker (on an "
+            "autoscaling cluster, pass --address and --gpus-per-worker: the trials then wait for new nodes)"
         )
     fits = math.floor(cpus / trial_cpus)
     if trial_gpus:
         fits = min(fits, math.floor(gpus_total / trial_gpus))
-    loader_workers = p.loader_workers if p.loader_workers is not None else (4 if gpus else 0)
     return Resources(gpus, p.max_concurrent or max(1, fits), loader_workers)
 
 

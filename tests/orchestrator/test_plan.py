@@ -103,6 +103,12 @@ def test_trial_resources_fit_the_cluster():
         sweep.trial_resources(make_plan("--workers-per-trial", "2"), {"CPU": 1.0})
     with pytest.raises(CliError, match="needs 1 CPUs and 1 GPUs but the cluster has 4 CPUs and 0 GPUs"):
         sweep.trial_resources(make_plan("--gpus-per-worker", "1"), {"CPU": 4.0})
+    # An autoscaling cluster with no GPU worker yet: every trial starts and waits for the nodes Ray adds for it.
+    cluster = make_plan("--address", "auto", "--gpus-per-worker", "1", "--seeds", "2")
+    assert cluster.preset_name == "thesis" and cluster.trial_count == 2 * len(cluster.variants)
+    assert sweep.trial_resources(cluster, {"CPU": 4.0}) == sweep.Resources(1.0, cluster.trial_count, 4)
+    capped = make_plan("--address", "auto", "--gpus-per-worker", "1", "--max-concurrent", "3")
+    assert sweep.trial_resources(capped, {"CPU": 4.0, "GPU": 1.0}).max_concurrent == 3
 
 
 def test_sweep_settings_round_trip_and_read_an_older_sweep():
