@@ -320,8 +320,8 @@ def train(
     """Train one trial and return its summary; `report(metrics, checkpoint_dir)` is called once per epoch.
 
     Every worker must call `report` equally often (Ray Train's rule); only rank 0 evaluates, checkpoints and
-    logs, except that every worker calls the evaluation of a task with `collective_eval` (each embedding its
-    shard; only rank 0's result is used). `resume` is the state of the last checkpoint, to continue after a
+    logs, except that every worker calls the evaluation of a task with `collective_eval` (each evaluates its
+    shard of the split; only rank 0's result is used). `resume` is the state of the last checkpoint, to continue after a
     crash. `workdir` holds the checkpoints being written (a temporary folder when None).
     """
     started = time.perf_counter()

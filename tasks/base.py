@@ -22,9 +22,9 @@ class Task(Protocol):
     (title -> ((column header, table metric), ...)), tables in the thesis' layout (hotels: occlusion level x k)
     that the sweep closes with instead of the one wide comparison; `collective_eval: ClassVar[bool]` (False when
     absent), True for an evaluation that every Ray Train worker takes part in: the loop then calls `evaluate` on
-    every rank, at the same epochs, with the evaluation loaders `build_loaders` gave that rank (hotels: each embeds
-    its shard of the gallery and test sets, gathered to rank 0 with torch.distributed collectives); only rank 0's
-    result is used, the others return an `Evaluation` the loop ignores.
+    every rank, at the same epochs, with the evaluation loaders `build_loaders` gave that rank (its contiguous
+    shard: classification and segmentation sum their counts over the workers with one all-reduce, hotels gathers
+    the embeddings of each shard to rank 0); only rank 0's result is used.
 
     Tasks never import ray, mlflow or the orchestrator. Each lives in its own package with the same files
     (`data`, `synthetic`, `model`, `metrics`, `presets`, `task`), so a new task starts as a copy of a folder.
@@ -51,7 +51,8 @@ class Task(Protocol):
         self, root: Path, preset: Preset, *, rank: int, world_size: int, seed: int, workers: int
     ) -> tuple[DataLoader, Any]:
         """The training loader sharded over `world_size` workers (seeded order), and what `evaluate` reads: the
-        whole validation loader, or the task's own bundle of loaders (hotels: the gallery and each test set).
+        validation loader (this worker's shard of the split for a task with `collective_eval`), or the task's own
+        bundle of loaders (hotels: the gallery and each test set).
 
         A training batch is `(inputs, targets)`: `inputs` a tensor, or a tuple the model takes as arguments."""
 

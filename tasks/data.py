@@ -1,4 +1,5 @@
-"""Data plumbing every task shares: layout errors, the sharded loaders, the cached synthetic stand-in."""
+"""Data plumbing every task shares: layout errors, the sharded loaders and the sums over their evaluation shards,
+the cached synthetic stand-in."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .preset import Preset, PresetError
 
@@ -47,15 +49,46 @@ def per_worker_batch(preset: Preset, world_size: int) -> int:
     return preset.batch_size // world_size
 
 
+def shard(size: int, rank: int, world_size: int) -> range:
+    """The indices of worker `rank`'s contiguous shard of `size` items split over `world_size` workers: the shards
+    differ in length by at most one (some are empty when `size` < `world_size`), and in rank order they make
+    `range(size)`: every item is evaluated once, none twice (DistributedSampler pads with repeated items)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size} workers")
+    return range(size * rank // world_size, size * (rank + 1) // world_size)
+
+
+class Shard(Subset):
+    """Worker `rank`'s contiguous `shard` of the first `size` items of `dataset`, split over `world_size` workers:
+    what one worker of a collective evaluation reads; `sum_over_workers` adds up what each shard counted."""
+
+    def __init__(self, dataset: Dataset, size: int, *, rank: int, world_size: int) -> None:
+        super().__init__(dataset, shard(size, rank, world_size))
+        self.rank, self.world_size = rank, world_size
+
+
+def eval_images(size: int, preset: Preset) -> int:
+    """How many of a validation split's `size` images an evaluation reads: all, or with `preset.max_batches` the
+    first images of that many batches of one process (of `eval_batch_size`, else of the global `batch_size`),
+    whatever the number of workers: so 1 and N workers evaluate the same images, the N sharing them."""
+    if preset.max_batches is None:
+        return size
+    return min(size, preset.max_batches * (preset.eval_batch_size or preset.batch_size))
+
+
 def sharded_loaders(
     train: Dataset, val: Dataset, preset: Preset, *, rank: int, world_size: int, seed: int, workers: int, where: str
 ) -> tuple[DataLoader, DataLoader]:
-    """Train loader sharded over the Ray Train workers (seeded order, a new one every epoch); the whole validation
-    split on every worker. `where` names the training images in the error for a split smaller than one batch.
+    """Train loader sharded over the Ray Train workers (seeded order, a new one every epoch); this worker's `Shard`
+    of the validation split, in order, for an evaluation every worker takes part in (`collective_eval`: the counts
+    are summed with `sum_over_workers`). `where` names the training images in the error for a split smaller than
+    one batch.
 
     `preset.batch_size` is the global batch, as the thesis gives it: each of the `world_size` workers loads
     `batch_size // world_size` images per step, and a batch that does not split evenly is refused (PresetError).
-    The validation batch is `preset.eval_batch_size`, else the per-worker training batch (rank 0 evaluates alone).
+    The validation batch is `preset.eval_batch_size`, else the per-worker training batch. `preset.max_batches`
+    caps the validation split at `eval_images` before it is sharded, so no worker reads more than `max_batches`
+    batches and 1 and N workers evaluate the same images. One worker reads the whole (capped) split.
     """
     per_worker = per_worker_batch(preset, world_size)
     sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
@@ -67,8 +100,52 @@ def sharded_loaders(
             f"{where} holds {len(train)} images, fewer than one batch of {per_worker} per worker x {world_size} "
             f"workers (global batch_size={preset.batch_size})"
         )
+    size = eval_images(len(val), preset)
+    if world_size > 1 or size < len(val):
+        val = Shard(val, size, rank=rank, world_size=world_size)
     val_loader = DataLoader(val, batch_size=preset.eval_batch_size or per_worker, shuffle=False, **common)
     return train_loader, val_loader
+
+
+def unsharded(dataset: Dataset) -> Dataset:
+    """The dataset a `Shard` (or any Subset) was cut from, for what the whole split knows (its class names)."""
+    return unsharded(dataset.dataset) if isinstance(dataset, Subset) else dataset
+
+
+def reads_shard(loader: DataLoader) -> bool:
+    """Whether `loader` reads one worker's `Shard` of several, whose evaluation is collective (`sum_over_workers`).
+
+    RuntimeError when it is, but torch.distributed's default group is not the one of its shards (not initialised,
+    another rank or size): a worker evaluating a shard alone would report a part as the whole, or hang."""
+    part = loader.dataset
+    if not isinstance(part, Shard) or part.world_size == 1:
+        return False
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"a loader of rank {part.rank}'s shard of {part.world_size}: its evaluation sums over the workers and "
+            "needs their process group (torch.distributed is not initialised)"
+        )
+    if (dist.get_rank(), dist.get_world_size()) != (part.rank, part.world_size):
+        raise RuntimeError(
+            f"a loader of rank {part.rank}'s shard of {part.world_size}, evaluated by rank {dist.get_rank()} of "
+            f"{dist.get_world_size()}"
+        )
+    return True
+
+
+def sum_over_workers(counts: torch.Tensor, *, collective: bool) -> torch.Tensor:
+    """`counts` summed over the workers of the default process group when `collective` (`reads_shard`), on the CPU.
+
+    Collective then: every worker calls it, equally often, with tensors of one shape and dtype. The sum is exact
+    for integer counts; a float sum depends on the order of its terms (summing float64 keeps that error at
+    rounding level). Under NCCL the tensor is reduced on its GPU, under gloo on the CPU; either way an evaluation
+    that accumulates on the device reads its counts back to the host here, once, after its last batch.
+    """
+    if not collective:
+        return counts.cpu()
+    counts = counts.clone() if dist.get_backend() == dist.Backend.NCCL else counts.cpu().clone()
+    dist.all_reduce(counts)
+    return counts.cpu()
 
 
 def ensure_synthetic(task: Task, preset: Preset, cache_dir: Path, *, seed: int = 0) -> Path:

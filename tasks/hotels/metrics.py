@@ -289,15 +289,6 @@ def topk_accuracy(
     }
 
 
-def shard(size: int, rank: int, world_size: int) -> range:
-    """The indices of worker `rank`'s contiguous shard of `size` items split over `world_size` workers: the shards
-    differ in length by at most one, and in rank order they make `range(size)`, so gathering them in rank order
-    gives the items in their single-process order (the same gallery row numbers, the same ties in the search)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside a world of {world_size} workers")
-    return range(size * rank // world_size, size * (rank + 1) // world_size)
-
-
 @dataclass
 class RetrievalLoaders:
     """What the hotels task evaluates on: the gallery (the training images) and the test queries per level.

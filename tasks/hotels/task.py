@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..data import LayoutError, default_cache_dir, per_worker_batch, seed_worker
+from ..data import LayoutError, default_cache_dir, per_worker_batch, seed_worker, shard
 from ..evaluation import Evaluation
 from ..preset import PresetError
 from . import data, metrics, synthetic
@@ -76,7 +76,7 @@ class HotelsTask:
     ) -> tuple[DataLoader, metrics.RetrievalLoaders]:
         """Train batches of `hotels_per_batch` hotels x `images_per_hotel` images (the global batch, each worker
         loading its slice); the gallery and the test set of each occlusion level, for the evaluation: with several
-        workers each one's loaders read only its contiguous shard of each set (`metrics.shard`), in order, and the
+        workers each one's loaders read only its contiguous shard of each set (`tasks.data.shard`), in order, and the
         evaluation gathers the shards; one worker reads the whole sets."""
         per_worker = per_worker_batch(preset, world_size)  # before reading any data
         train, gallery, tests = data.build_datasets(root, preset, cache_dir=default_cache_dir())
@@ -101,7 +101,7 @@ class HotelsTask:
 
         def loader(dataset: Dataset) -> DataLoader:
             if world_size > 1:
-                dataset = Subset(dataset, metrics.shard(len(dataset), rank, world_size))
+                dataset = Subset(dataset, shard(len(dataset), rank, world_size))
             return DataLoader(dataset, batch_size=eval_batch, shuffle=False, **common)
 
         evaluation = metrics.RetrievalLoaders(

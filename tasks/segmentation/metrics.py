@@ -1,9 +1,12 @@
 """Segmentation metrics as the thesis reports them: mIoU from a confusion matrix over the split, in three modes
-(whole image, square tiles, tiles with 1/3 overlap); docs/datasets.md, "Cityscapes segmentation"."""
+(whole image, square tiles, tiles with 1/3 overlap); docs/datasets.md, "Cityscapes segmentation".
+
+Under several Ray Train workers each evaluates its shard of the split (`tasks.data.Shard`) and the confusion
+matrices and loss sums are summed over the workers: every worker gets the scores of the whole split.
+"""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 
@@ -13,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..common import autocast, log_progress
+from ..data import reads_shard, sum_over_workers
 from ..evaluation import ClassTable, ConfusionMatrix, Evaluation
 from .data import IGNORE, TRAIN_CLASSES
 from .presets import SegmentationPreset
@@ -53,10 +57,16 @@ def predict_tiled(model: nn.Module, images: torch.Tensor, tile: int, stride: int
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int = len(TRAIN_CLASSES)) -> torch.Tensor:
-    """num_classes x num_classes counts (rows: true class, columns: predicted); pixels labelled 255 are skipped."""
-    valid = target != IGNORE
-    index = target[valid].long() * num_classes + pred[valid].long()
-    return torch.bincount(index.cpu(), minlength=num_classes**2).view(num_classes, num_classes)
+    """num_classes x num_classes int64 counts (rows: true class, columns: predicted) on the inputs' device; pixels
+    labelled 255 are skipped.
+
+    Without a host sync, so that a GPU evaluation never waits on one: no boolean indexing (its size is read back)
+    and no `torch.bincount` (a GPU one reads its input's min and max back); ignored pixels go to an extra bin.
+    """
+    index = torch.where(target == IGNORE, num_classes**2, target.long() * num_classes + pred.long()).flatten()
+    counts = torch.zeros(num_classes**2 + 1, dtype=torch.long, device=index.device)
+    counts.index_add_(0, index, torch.ones_like(index))
+    return counts[:-1].view(num_classes, num_classes)
 
 
 def iou_per_class(confusion: torch.Tensor) -> torch.Tensor:
@@ -79,14 +89,19 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, preset:
 
     whole: the full image in one pass. tile: square tiles of `preset.tile_size` (clipped to the image) without
     overlap. tile_overlap: the same tiles with 1/3 overlap. Tile probabilities are averaged where windows meet.
+
+    Reads the whole loader (`tasks.data.sharded_loaders` caps it at `preset.max_batches`). The counts stay on
+    `device` until the end. A loader of one worker's `Shard` makes it collective: every worker calls it, the
+    confusion matrices (int64, exact) and the loss sum (float64) are summed over the workers, and every worker
+    returns the evaluation of the whole split.
     """
+    collective = reads_shard(loader)  # checked before the first batch, not after a whole evaluation
     model.eval()
     n = len(TRAIN_CLASSES)
-    confusions = {mode: torch.zeros(n, n, dtype=torch.long) for mode in EVAL_MODES}
-    loss_sum, pixels = 0.0, 0
-    batches = itertools.islice(loader, preset.max_batches)
-    count = min(len(loader), preset.max_batches or len(loader))
-    for images, targets in log_progress(batches, total=count, what="evaluation batches", logger=logger):
+    confusions = torch.zeros(len(EVAL_MODES), n, n, dtype=torch.long, device=device)
+    # float64 sum of the per-pixel losses: as near as can be to one order-free sum, whatever the batches and shards
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
+    for images, targets in log_progress(loader, total=len(loader), what="evaluation batches", logger=logger):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         tile = min(preset.tile_size or images.shape[-2], *images.shape[-2:])
         with autocast(device, preset.amp):
@@ -96,13 +111,15 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, preset:
                 "tile": predict_tiled(model, images, tile, tile).argmax(1),
                 "tile_overlap": predict_tiled(model, images, tile, overlap_stride(tile)).argmax(1),
             }
-        loss_sum += F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum").item()
-        pixels += (targets != IGNORE).sum().item()
-        for mode, pred in predictions.items():
-            confusions[mode] += confusion_matrix(pred, targets, n)
+        loss_sum += F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none").double().sum()
+        for i, mode in enumerate(EVAL_MODES):
+            confusions[i] += confusion_matrix(predictions[mode], targets, n)
+    confusions = dict(zip(EVAL_MODES, sum_over_workers(confusions, collective=collective), strict=True))
+    loss_sum = sum_over_workers(loss_sum, collective=collective).item()
     scalars = {key: mean_iou(confusions[mode]) for mode, key in EVAL_MODES.items()}
     whole = confusions["whole"]
-    scalars["val/pixel_acc"] = 100.0 * whole.diag().sum().item() / max(whole.sum().item(), 1)
+    pixels = whole.sum().item()  # the labelled pixels, each counted once in every mode's matrix
+    scalars["val/pixel_acc"] = 100.0 * whole.diag().sum().item() / max(pixels, 1)
     scalars["val/loss"] = loss_sum / max(pixels, 1)
     per_class = ClassTable(
         "per_class_iou",

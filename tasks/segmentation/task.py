@@ -30,6 +30,8 @@ class SegmentationTask:
     variants: ClassVar[tuple[str, ...]] = ("zero", "partial", "gated", "edge", "affine")
     layout: ClassVar[str] = data.LAYOUT
     takes_masks: ClassVar[bool] = False
+    # Every worker evaluates its shard of the validation split; the counts are summed over them (metrics.evaluate).
+    collective_eval: ClassVar[bool] = True
 
     def check_layout(self, root: Path) -> None:
         """Raise `LayoutError` showing the expected layout unless `root` holds Cityscapes' fine train/val folders."""
@@ -42,7 +44,8 @@ class SegmentationTask:
     def build_loaders(
         self, root: Path, preset: SegmentationPreset, *, rank: int, world_size: int, seed: int, workers: int
     ) -> tuple[DataLoader, DataLoader]:
-        """Train loader sharded over the Ray Train workers (seeded order); the whole validation split, full size."""
+        """Train loader sharded over the Ray Train workers (seeded order); this worker's contiguous shard of the
+        validation split at full size (one worker: the whole split), capped by `max_batches` (`sharded_loaders`)."""
         train, val = data.build_dataset(root, preset, "train"), data.build_dataset(root, preset, "val")
         common = dict(rank=rank, world_size=world_size, seed=seed, workers=workers)
         return sharded_loaders(train, val, preset, **common, where=f"{root}/leftImg8bit/train")
@@ -73,5 +76,6 @@ class SegmentationTask:
     def evaluate(
         self, model: nn.Module, loader: DataLoader, device: torch.device, preset: SegmentationPreset
     ) -> Evaluation:
-        """mIoU (%) whole / tiles / overlapping tiles, pixel accuracy, loss, confusion matrix and per-class IoU."""
+        """mIoU (%) whole / tiles / overlapping tiles, pixel accuracy, loss, confusion matrix and per-class IoU; with
+        several workers collective (`collective_eval`), every one returning the scores of the whole split."""
         return metrics.evaluate(model, loader, device, preset)

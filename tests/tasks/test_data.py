@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 
 import tasks
 from tasks import LayoutError, PresetError, ensure_synthetic, get_task
+from tasks.data import shard
 
 
 @pytest.mark.parametrize("name", sorted(tasks.TASKS))
@@ -49,3 +50,13 @@ def test_the_batch_size_is_global_and_split_across_workers(name, tmp_path):
     message = rf"batch_size={preset.batch_size} is the global batch .* does not split evenly across 3 workers; set"
     with pytest.raises(PresetError, match=message):
         task.build_loaders(root, preset, rank=0, world_size=3, seed=0, workers=0)
+
+
+def test_shards_are_contiguous_in_order_and_one_apart():
+    for size in (0, 1, 5, 185):
+        for world_size in (1, 2, 3, 8):
+            shards = [shard(size, rank, world_size) for rank in range(world_size)]
+            assert [i for s in shards for i in s] == list(range(size))
+            assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    with pytest.raises(ValueError, match="rank 2 outside a world of 2"):
+        shard(10, 2, 2)

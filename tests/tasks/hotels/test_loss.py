@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from tasks.hotels.loss import RandomViolatingNegativeMiner, TripletLoss
-
-from .distributed import run_gloo
+from tests.distributed import run_gloo
 
 MARGIN = 0.1
 

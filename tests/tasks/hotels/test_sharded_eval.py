@@ -17,9 +17,8 @@ from orchestrator.config import TrialConfig
 from orchestrator.loop import MaskInput, broadcast_buffers, train, variant_options
 from orchestrator.weights import initialize, parse_init
 from tasks import ensure_synthetic, get_task
-from tasks.hotels.metrics import gather_shards, shard
-
-from .distributed import run_gloo
+from tasks.hotels.metrics import gather_shards
+from tests.distributed import run_gloo
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +39,6 @@ class TinyEmbedder(nn.Module):
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         features = F.adaptive_avg_pool2d(F.relu(self.conv(torch.cat([images * masks, masks], 1))), 2)
         return F.normalize(self.linear(features.flatten(1)), dim=1)
-
-
-def test_shards_are_contiguous_in_order_and_one_apart():
-    for size in (0, 1, 5, 185):
-        for world_size in (1, 2, 3, 8):
-            shards = [shard(size, rank, world_size) for rank in range(world_size)]
-            assert [i for s in shards for i in s] == list(range(size))
-            assert max(map(len, shards)) - min(map(len, shards)) <= 1
-    with pytest.raises(ValueError, match="rank 2 outside a world of 2"):
-        shard(10, 2, 2)
 
 
 def test_each_worker_loads_its_shard_of_the_gallery_and_test_sets(task, root, preset):
