@@ -120,17 +120,23 @@ def reads_shard(loader: DataLoader) -> bool:
     part = loader.dataset
     if not isinstance(part, Shard) or part.world_size == 1:
         return False
+    check_process_group(part.rank, part.world_size, what="a loader")
+    return True
+
+
+def check_process_group(rank: int, world_size: int, *, what: str) -> None:
+    """RuntimeError unless torch.distributed's default group is the one of rank `rank` of `world_size`, whose shard
+    `what` (loaders) reads: a worker evaluating its shard alone would report a part as the whole, or hang."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
-            f"a loader of rank {part.rank}'s shard of {part.world_size}: its evaluation sums over the workers and "
-            "needs their process group (torch.distributed is not initialised)"
+            f"{what} of rank {rank}'s shard of {world_size}: its evaluation combines the workers' shards and needs "
+            "their process group (torch.distributed is not initialised)"
         )
-    if (dist.get_rank(), dist.get_world_size()) != (part.rank, part.world_size):
+    if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
         raise RuntimeError(
-            f"a loader of rank {part.rank}'s shard of {part.world_size}, evaluated by rank {dist.get_rank()} of "
+            f"{what} of rank {rank}'s shard of {world_size}, evaluated by rank {dist.get_rank()} of "
             f"{dist.get_world_size()}"
         )
-    return True
 
 
 def sum_over_workers(counts: torch.Tensor, *, collective: bool) -> torch.Tensor:

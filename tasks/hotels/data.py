@@ -22,6 +22,7 @@ import stat
 import tarfile
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -774,7 +775,7 @@ def paste_occluder(valid: torch.Tensor, crop: bytes, scale: tuple[float, float])
 # datasets ------------------------------------------------------------------------------------------------------------
 
 
-class _Images(Dataset):
+class _Images(Dataset, ABC):
     """Records as compact numpy arrays: paths relative to the root as fixed-width bytes (no per-item Python
     objects, so forked DataLoader workers do not copy them on access), ids as int64, sources as int8.
 
@@ -803,9 +804,9 @@ class _Images(Dataset):
         candidates = partial(images.substitutes, index, len(self), self.hotel_ids)
         return self.bad_images.get(self._load, index, candidates)
 
+    @abstractmethod
     def _load(self, index: int) -> tuple[tuple[torch.Tensor, torch.Tensor], object]:
         """Item `index`; `CorruptImageError` for a damaged image or mask."""
-        raise NotImplementedError
 
     def _open(self, relative: bytes, mode: str | None = None) -> Image.Image:
         return images.open_image(self.root / os.fsdecode(relative), mode)

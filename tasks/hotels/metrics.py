@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..common import autocast, log_progress
+from ..data import check_process_group
 from ..evaluation import Evaluation
 from .presets import HotelsPreset
 
@@ -378,20 +379,6 @@ def gather_shards(rows: torch.Tensor, device: torch.device) -> torch.Tensor | No
     return torch.cat([part[:length].cpu() for part, length in zip(gathered, lengths, strict=True)])
 
 
-def _check_sharded(loaders: RetrievalLoaders) -> None:
-    """RuntimeError unless the default process group is the one whose shards `loaders` hold."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            f"loaders of rank {loaders.rank}'s shard of {loaders.world_size}: their evaluation gathers the shards "
-            "and needs the workers' process group (torch.distributed is not initialised)"
-        )
-    if (dist.get_rank(), dist.get_world_size()) != (loaders.rank, loaders.world_size):
-        raise RuntimeError(
-            f"loaders of rank {loaders.rank}'s shard of {loaders.world_size}, evaluated by rank {dist.get_rank()} "
-            f"of {dist.get_world_size()}"
-        )
-
-
 def evaluate(model: nn.Module, loaders: RetrievalLoaders, device: torch.device, preset: HotelsPreset) -> Evaluation:
     """Instance top-1/10/100 and chain top-1/3/5 (%) per occlusion level: the 100 nearest gallery images of each
     query, from one index (`preset.index`, `preset.index_options`) of the embedded gallery searched once with the
@@ -406,7 +393,7 @@ def evaluate(model: nn.Module, loaders: RetrievalLoaders, device: torch.device, 
     RuntimeError when the process group is not the one of the loaders' shards.
     """
     if loaders.world_size > 1:
-        _check_sharded(loaders)
+        check_process_group(loaders.rank, loaders.world_size, what="loaders")
     # every set embedded before any is gathered: one wait for the slowest worker, not one per set
     embedded = [_embed(model, loaders.gallery, device, preset, what="gallery batches")]
     embedded += [
