@@ -26,6 +26,15 @@ RAY = str(Path(sys.executable).with_name("ray"))
 WORKER_PORTS = 60  # per node: one port per worker process (Tune functions, Train controllers and workers, ...)
 
 
+def die_with_parent() -> None:
+    """`preexec_fn` of a child process: the kernel SIGKILLs it when the process that started it dies (Linux), so a
+    test that is itself killed (its finally blocks never run) leaves no Ray node behind. `ray start --block` passes
+    this on: it starts its GCS and raylet sharing its fate, and a raylet's workers exit with it."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (the OS picks it)."""
     with socket.socket() as s:
@@ -190,6 +199,7 @@ def _start(name: str, root: Path, args: list[str], env: dict[str, str]) -> Node:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,  # its own process group: killing it reaches nothing else
+            preexec_fn=die_with_parent,
         )
     return Node(name, process, temp_dir, log)
 

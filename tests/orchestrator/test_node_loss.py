@@ -83,6 +83,7 @@ def test_lost_worker_node_trial_resumes_on_the_head(tmp_path, record_property):
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=ray_nodes.die_with_parent,
             )
         pid, run_name = _train_run_of_worker_node(cluster, sweep, log, timeout=600)
         trial_id = run_name.removeprefix("train-")
@@ -100,6 +101,7 @@ def test_lost_worker_node_trial_resumes_on_the_head(tmp_path, record_property):
         on_worker = sorted({title.split()[0] for title in cluster.worker.worker_titles().values()})
         on_head = sorted({title.split()[0] for title in cluster.head.worker_titles().values()})
         head_train_workers = {p for p, t in cluster.head.worker_titles().items() if t.startswith("ray::RayTrainWorker")}
+        print(f"\nkilling the worker node in {run_name}: its processes {on_worker}; the head's {on_head}", flush=True)
         killed_at = time.time()
         cluster.worker.kill()
 
