@@ -365,6 +365,9 @@ def train(
     best_value = max((h[task.metric] for h in history if task.metric in h), default=float("-inf"))
     if rank == 0 and tracker is not None and history:
         log_missing_epochs(tracker, history, task)
+    # Epochs the run already holds: a worker that outlived its dead controller may have logged an epoch that was
+    # never checkpointed, which this retry trains again; logged once, by whichever got there first.
+    logged = tracker.logged_epochs("train/loss") if rank == 0 and tracker is not None else set()
     images_per_epoch = train_batches(train_loader, preset) * preset.batch_size  # global batches; drop_last: all full
     # Every rank calls a collective evaluation, at the same epochs (`evaluates` is deterministic), else rank 0 alone.
     collective_eval = getattr(task, "collective_eval", False)
@@ -434,7 +437,7 @@ def train(
                 report(metrics, checkpoint_dir)
             # After the report, whose checkpoint holds this epoch: a trial killed before it redoes the epoch and
             # logs it then; one killed between the two logs it on resume (`log_missing_epochs`). Once either way.
-            if rank == 0 and tracker is not None:
+            if rank == 0 and tracker is not None and epoch not in logged:
                 tracker.log_epoch(metrics, epoch)
         summary = summarize(history, task.table_metrics) if rank == 0 and history else {}
         if rank == 0 and tracker is not None and summary:

@@ -27,12 +27,25 @@ WORKER_PORTS = 60  # per node: one port per worker process (Tune functions, Trai
 
 
 def die_with_parent() -> None:
-    """`preexec_fn` of a child process: the kernel SIGKILLs it when the process that started it dies (Linux), so a
-    test that is itself killed (its finally blocks never run) leaves no Ray node behind. `ray start --block` passes
-    this on: it starts its GCS and raylet sharing its fate, and a raylet's workers exit with it."""
+    """`preexec_fn` of a child process: the kernel SIGKILLs it when the process that started it dies (Linux)."""
     import ctypes
 
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+# Kills a node's process group once the test process is gone, so a test that is itself killed (after a SIGTERM or
+# SIGKILL no finally block runs) leaves no Ray node behind: `ray start`, its GCS, raylet and agents share that
+# group (the raylet's workers, in sessions of their own, exit with the raylet). `Node.kill` ends the reaper first.
+REAPER = """
+import os, signal, sys, time
+parent, group = int(sys.argv[1]), int(sys.argv[2])
+while os.getppid() == parent:
+    time.sleep(1)
+try:
+    os.killpg(group, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
 
 
 def free_port() -> int:
@@ -124,6 +137,7 @@ class Node:
     process: subprocess.Popen
     temp_dir: Path
     log: Path
+    reaper: subprocess.Popen | None = None
 
     def pids(self) -> list[int]:
         """The node's processes now: `ray start`, its GCS/raylet/agents, and the workers the raylet started."""
@@ -131,6 +145,9 @@ class Node:
 
     def kill(self) -> list[int]:
         """SIGKILL every process of the node at once, as a machine that loses power would; returns their pids."""
+        if self.reaper is not None:
+            self.reaper.kill()
+            self.reaper.wait()
         pids = self.pids()
         for pid in pids:
             try:
@@ -164,20 +181,14 @@ class Cluster:
     env: dict[str, str] = field(default_factory=dict)
     taken: set[int] = field(default_factory=set)  # ports given to the nodes: the next node's must differ
 
-    def add_worker(self, *, num_cpus: int, resources: str | None = None, timeout: float = 120.0) -> Node:
-        """Start the worker node and wait until the head counts it alive."""
+    def add_worker(self, *, num_cpus: int, args: list[str] | None = None, timeout: float = 120.0) -> Node:
+        """Start the worker node, with `args` added to its `ray start`, and wait until the head counts it alive."""
 
-        def args() -> list[str]:
-            extra = ["--resources", resources] if resources else []
-            return [
-                f"--address={self.address}",
-                "--num-cpus",
-                str(num_cpus),
-                *node_ports(self.taken, head=False),
-                *extra,
-            ]
+        def worker_args() -> list[str]:
+            ports = node_ports(self.taken, head=False)
+            return [f"--address={self.address}", "--num-cpus", str(num_cpus), *ports, *(args or [])]
 
-        self.worker = _start_node("worker", self.root, args, self.env, self.address, 2, timeout, [self.head])
+        self.worker = _start_node("worker", self.root, worker_args, self.env, self.address, 2, timeout, [self.head])
         return self.worker
 
     def stop(self) -> None:
@@ -199,9 +210,13 @@ def _start(name: str, root: Path, args: list[str], env: dict[str, str]) -> Node:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,  # its own process group: killing it reaches nothing else
-            preexec_fn=die_with_parent,
         )
-    return Node(name, process, temp_dir, log)
+    reaper = subprocess.Popen(
+        [sys.executable, "-c", REAPER, str(os.getpid()), str(process.pid)],
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # a Ctrl-C to the test's group leaves it to do its work
+    )
+    return Node(name, process, temp_dir, log, reaper)
 
 
 def _start_node(

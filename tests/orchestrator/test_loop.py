@@ -137,6 +137,11 @@ def test_a_resumed_trial_logs_each_epoch_once(cache, tmp_path):
     tracker.calls.append(("epoch", 0, {}))  # what the first worker logged before it died
     train(config(cache, seed=2), resume=checkpoints[1], tracker=tracker)
     assert [c[1] for c in tracker.calls if c[0] == "epoch"] == [0, 1, 2, 3]
+    # A worker that outlived its dead controller logged epoch 2, never checkpointed: the retry trains it, logs it not.
+    ahead = RecordingTracker()
+    ahead.calls += [("epoch", 0, {}), ("epoch", 1, {}), ("epoch", 2, {})]
+    train(config(cache, seed=2), resume=checkpoints[1], tracker=ahead)
+    assert [c[1] for c in ahead.calls if c[0] == "epoch"] == [0, 1, 2, 3]
     backfilled = next(c[2] for c in tracker.calls if c[0] == "epoch" and c[1] == 1)
     assert backfilled["val/top1"] == checkpoints[1]["history"][1]["val/top1"] and "best/top1" in backfilled
 
