@@ -29,7 +29,7 @@ import convs
 from tasks import Evaluation, Preset, Task, autocast, default_cache_dir, ensure_synthetic, get_task
 
 from .config import TrialConfig
-from .report import summary_name
+from .tables import summary_name
 from .weights import initialize, parse_init, start_is_open
 
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -29,7 +29,7 @@ import convs
 import tasks
 from tasks import LayoutError, Preset, default_cache_dir, ensure_synthetic
 
-from . import report, storage, tracking, weights
+from . import report, storage, tables, tracking, weights
 from .cli import ArgumentParser, CliError, setup_logging
 from .config import SweepSettings
 from .loop import FAILURE_KEY
@@ -565,6 +565,10 @@ def open_sweep_run(p: Plan, res: Resources, data: Data) -> tuple[str, str]:
         "workers_per_trial": p.workers_per_trial,
         "gpus_per_worker": res.gpus_per_worker,
         "data_root": data.data_root or "synthetic",
+        # The cells the report expects, as JSON (a variant spec may hold commas: the `variants` param is for reading).
+        report.GRID_PARAM: report.Grid(
+            p.variants, p.inits, p.seeds, p.num_samples if p.search == "optuna" else 1, tuple(p.space)
+        ).to_param(),
         **{f"preset.{k}": v for k, v in p.overrides.items()},
     }
     tracking.log_params(p.tracking_uri, parent, params)
@@ -606,7 +610,7 @@ def build_param_space(
     for key, (dist, dist_args) in p.space.items():
         space[f"space.{key}"] = distributions[dist](*dist_args)
     repeat = len(p.variants) * len(p.inits) * len(p.seeds)
-    metric = f"best/{report.summary_name(tasks.get_task(p.task).metric)}"
+    metric = f"best/{tables.summary_name(tasks.get_task(p.task).metric)}"
     search = Repeater(OptunaSearch(metric=metric, mode="max", seed=0), repeat=repeat, set_index=True)
     return space, search, p.num_samples * repeat
 
@@ -667,7 +671,7 @@ def fit(tuner) -> Any:
         tune_logger.removeFilter(hint)
 
 
-def collect_results(grid, p: Plan) -> list[report.TrialResult]:
+def collect_results(grid, p: Plan) -> list[tables.TrialResult]:
     """One TrialResult per trial: `ok` when it trained every epoch, `failed` with an error, else `interrupted`."""
     results = []
     for result in grid:
@@ -684,28 +688,33 @@ def collect_results(grid, p: Plan) -> list[report.TrialResult]:
         else:
             status = "interrupted"  # stopped by Ctrl-C (or never started): --resume continues it
         label = cfg.variant if cfg.init == weights.SCRATCH else f"{cfg.variant} +init {cfg.init}"
-        results.append(report.TrialResult(label, cfg.seed, metrics, status, reason))
+        results.append(tables.TrialResult(label, cfg.seed, metrics, status, reason))
     return results
 
 
-def layout_tables(task: tasks.Task, results: list[report.TrialResult]) -> dict[str, str]:
-    """The task's thesis-layout tables (title -> Markdown), for a task that declares `closing_tables`."""
-    return {title: report.layout_table(results, cells) for title, cells in getattr(task, "closing_tables", {}).items()}
-
-
-def finish_sweep(p: Plan, results: list[report.TrialResult], experiment_id: str, parent: str, task: tasks.Task) -> str:
-    """Log the comparison to the parent run and end it (FINISHED, FAILED or KILLED); return the status."""
-    rows = report.comparison(results, report.columns(task.table_metrics))
-    failures = [f"- {r.variant} seed {r.seed}: {r.reason}" for r in results if r.status == "failed" and r.reason]
-    failed = "\n\nFailed trials:\n" + "\n".join(failures) + "\n" if failures else "\n"
-    tracking.log_text(p.tracking_uri, parent, report.markdown(rows) + failed, "comparison.md")
-    tracking.log_text(p.tracking_uri, parent, report.to_csv(rows), "comparison.csv")
-    for i, (title, table) in enumerate(layout_tables(task, results).items()):
-        tracking.log_text(p.tracking_uri, parent, f"{title}\n\n{table}\n", f"table-{i + 1}.md")
+def finish_sweep(p: Plan, results: list[tables.TrialResult], experiment_id: str, parent: str) -> str:
+    """End the parent run (FINISHED, FAILED or KILLED) and every trial run left RUNNING; return the status."""
     statuses = {r.status for r in results}
     status = "KILLED" if "interrupted" in statuses else "FAILED" if "failed" in statuses else "FINISHED"
     end_sweep_run(p, experiment_id, parent, status)
     return status
+
+
+def sweep_report(p: Plan, parent: str) -> report.Report | None:
+    """The sweep's report (`orchestrator.report`), read back from MLflow and logged under the parent run's
+    `report/`; None, with a warning saying how to rebuild it, when that fails: the trials' own runs hold the results."""
+    try:
+        return report.make_report(p.tracking_uri, parent)
+    except Exception as e:  # noqa: BLE001 - a report that cannot be built must not turn a finished sweep into an error
+        log.warning(
+            "the sweep's report could not be built (%s: %s); rebuild it with: python -m orchestrator.report "
+            "--run-id %s --tracking-uri %s",
+            type(e).__name__,
+            e,
+            parent,
+            p.tracking_uri,
+        )
+        return None
 
 
 def end_sweep_run(p: Plan, experiment_id: str, parent: str, status: str) -> None:
@@ -716,29 +725,18 @@ def end_sweep_run(p: Plan, experiment_id: str, parent: str, status: str) -> None
     tracking.finish_run(p.tracking_uri, parent, status)
 
 
-def closing_lines(p: Plan, results: list[report.TrialResult], experiment_id: str, task: tasks.Task) -> str:
-    """The comparison table (or the task's thesis-layout tables) and what to do next: resume an unfinished
-    sweep, open the MLflow UI."""
-    table_metrics = task.table_metrics
+def closing_lines(
+    p: Plan, results: list[tables.TrialResult], experiment_id: str, parent: str, built: report.Report | None
+) -> str:
+    """The report's compact view, what failed, and what to do next: resume an unfinished sweep, open the report and
+    the sweep's run in the MLflow UI."""
     batch = (
         f"batch {p.preset.batch_size} global ({p.preset.batch_size // p.workers_per_trial} per worker x "
         f"{p.workers_per_trial})"
     )
-    layouts = layout_tables(task, results)
-    if layouts:
-        lines = [
-            f"\n{p.task}: per variant, mean±std over finished seeds at the best epoch by {table_metrics[0]}; {batch}. "
-            "The full table (every seed, last-5 means, differences to zero) is the sweep run's comparison.md."
-        ]
-        for title, table in layouts.items():
-            lines += [f"\n{title}\n", table]
-    else:
-        rows = report.comparison(results, report.columns(table_metrics))
-        lines = [
-            f"\n{p.task}: {', '.join(table_metrics)} per variant (best epoch by {table_metrics[0]}, every column at "
-            f"that epoch; last5: mean of the last 5 epochs), mean and std over seeds, difference to zero; {batch}\n",
-            report.markdown(rows),
-        ]
+    lines = [f"\n{p.task}, preset {p.preset_name}, {batch}"]
+    if built is not None:
+        lines.append(built.terminal)
     failed = sum(r.status == "failed" for r in results)
     interrupted = sum(r.status == "interrupted" for r in results)
     if failed:
@@ -752,14 +750,15 @@ def closing_lines(p: Plan, results: list[report.TrialResult], experiment_id: str
         lines.append(f"Resume with: python -m orchestrator.sweep --resume --name {p.name} --storage {p.storage}")
     store = p.tracking_uri.removeprefix("sqlite:///") if p.tracking_uri.startswith("sqlite:") else p.tracking_uri
     lines.append(
-        f"\nMLflow UI:  mlflow ui --backend-store-uri {p.tracking_uri} --host 127.0.0.1 --port 5000\n"
-        f"then open   http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-        f"   (store: {store})"
+        f"\nReport (Markdown, CSV, LaTeX, plots): the sweep run's artifacts, report/; again with: "
+        f"python -m orchestrator.report --sweep {p.name} --tracking-uri {p.tracking_uri}\n"
+        f"MLflow UI:  python -m orchestrator.ui --tracking-uri {p.tracking_uri}   (store: {store})\n"
+        f"the sweep:  http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{parent}"
     )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[report.TrialResult]:
+def main(argv: list[str] | None = None) -> list[tables.TrialResult]:
     """Plan, check, run the sweep on Ray and print the comparison; returns one result per trial."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -769,7 +768,6 @@ def main(argv: list[str] | None = None) -> list[report.TrialResult]:
     import torch
 
     p = plan(args, cuda=torch.cuda.is_available())
-    task = tasks.get_task(p.task)
     data = prepare_data(p)
     check_services(p)
 
@@ -832,8 +830,8 @@ def main(argv: list[str] | None = None) -> list[report.TrialResult]:
                     f"--name {p.name} --storage {p.storage}"
                 ) from None
             raise
-        finish_sweep(p, results, experiment_id, parent, task)
-        print(closing_lines(p, results, experiment_id, task), flush=True)
+        finish_sweep(p, results, experiment_id, parent)
+        print(closing_lines(p, results, experiment_id, parent, sweep_report(p, parent)), flush=True)
         return results
     finally:
         if own_ray:

@@ -14,9 +14,11 @@ from torch.utils.data import DataLoader
 from ..common import load_pretrained
 from ..data import sharded_loaders
 from ..evaluation import Evaluation
+from ..published import Published
 from . import data, metrics, synthetic
 from .model import build_model
 from .presets import PRESETS, ClassificationPreset
+from .published import PUBLISHED
 
 
 class ClassificationTask:
@@ -26,6 +28,8 @@ class ClassificationTask:
     preset_class: ClassVar[type[ClassificationPreset]] = ClassificationPreset
     presets: ClassVar[dict[str, ClassificationPreset]] = PRESETS
     metric: ClassVar[str] = "val/top1"
+    # The thesis' (and its sources') numbers the sweep report shows beside this sweep's: docs/published.md.
+    published: ClassVar[tuple[Published, ...]] = PUBLISHED
     table_metrics: ClassVar[tuple[str, ...]] = ("val/top1",)
     variants: ClassVar[tuple[str, ...]] = ("zero", "partial", "gated", "edge", "affine")
     layout: ClassVar[str] = data.LAYOUT

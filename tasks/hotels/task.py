@@ -16,10 +16,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..data import LayoutError, default_cache_dir, per_worker_batch, seed_worker, shard
 from ..evaluation import Evaluation
 from ..preset import PresetError
+from ..published import Published
 from . import data, metrics, synthetic
 from .loss import TripletLoss
 from .model import build_model, load_backbone_state
 from .presets import PRESETS, HotelsPreset
+from .published import PUBLISHED
 from .sampler import SourceBalancedBatchSampler
 
 
@@ -32,6 +34,8 @@ class HotelsTask:
     presets: ClassVar[dict[str, HotelsPreset]] = PRESETS
     metric: ClassVar[str] = "test_unoccluded/instance_top1"
     # Thesis tables 4.5 (instance top-1/10/100) and 4.6 (chain top-1/3/5), per occlusion level.
+    # The thesis' (and its sources') numbers the sweep report shows beside this sweep's: docs/published.md.
+    published: ClassVar[tuple[Published, ...]] = PUBLISHED
     table_metrics: ClassVar[tuple[str, ...]] = tuple(
         f"test_{level}/{kind}_top{k}"
         for kind, ks in (("instance", metrics.INSTANCE_K), ("chain", metrics.CHAIN_K))
@@ -46,6 +50,14 @@ class HotelsTask:
             for k in ks
         )
         for kind, ks, table in (("instance", metrics.INSTANCE_K, "4.5"), ("chain", metrics.CHAIN_K, "4.6"))
+    }
+    # The sweep report's line plots: title -> (x labels, {series: one table metric per x}): top-k against occlusion.
+    report_series: ClassVar[dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]]] = {
+        f"{kind} top-k (%) against occlusion, mean ± std over seeds": (
+            tuple("none" if level == "unoccluded" else level for level in data.LEVELS),
+            {f"top-{k}": tuple(f"test_{level}/{kind}_top{k}" for level in data.LEVELS) for k in ks},
+        )
+        for kind, ks in (("instance", metrics.INSTANCE_K), ("chain", metrics.CHAIN_K))
     }
     variants: ClassVar[tuple[str, ...]] = ("zero", "partial", "gated", "edge", "affine")
     layout: ClassVar[str] = data.LAYOUT

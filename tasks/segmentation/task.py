@@ -14,9 +14,11 @@ from torch.utils.data import DataLoader
 from ..common import load_pretrained
 from ..data import sharded_loaders
 from ..evaluation import Evaluation
+from ..published import Published
 from . import data, metrics, synthetic
 from .model import DeepLabV3Plus
 from .presets import PRESETS, SegmentationPreset
+from .published import PUBLISHED
 
 
 class SegmentationTask:
@@ -26,7 +28,11 @@ class SegmentationTask:
     preset_class: ClassVar[type[SegmentationPreset]] = SegmentationPreset
     presets: ClassVar[dict[str, SegmentationPreset]] = PRESETS
     metric: ClassVar[str] = "val/miou"
+    # The thesis' (and its sources') numbers the sweep report shows beside this sweep's: docs/published.md.
+    published: ClassVar[tuple[Published, ...]] = PUBLISHED
     table_metrics: ClassVar[tuple[str, ...]] = tuple(metrics.EVAL_MODES.values())
+    # The per-class table (and its column) the sweep report averages per arm: IoU per class on whole images.
+    report_class_table: ClassVar[tuple[str, str]] = ("per_class_iou", "iou_whole")
     variants: ClassVar[tuple[str, ...]] = ("zero", "partial", "gated", "edge", "affine")
     layout: ClassVar[str] = data.LAYOUT
     takes_masks: ClassVar[bool] = False
