@@ -35,7 +35,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 import tasks
 
-from . import tables, tracking
+from . import tables, tracking, weights
 from .cli import ArgumentParser, CliError, setup_logging
 
 log = logging.getLogger("orchestrator.report")  # not __name__: that is "__main__" under python -m
@@ -79,9 +79,9 @@ class Grid:
         )
 
 
-def arm_label(variant: str, init: str = "scratch") -> str:
-    """How a report (and the sweep's closing table) names an arm: the variant spec, with its --init when not scratch."""
-    return variant if init == "scratch" else f"{variant} +init {init}"
+def arm_label(variant: str, init: str = weights.SCRATCH) -> str:
+    """How a report (and the sweep's results) names an arm: the variant spec, with its --init when not scratch."""
+    return variant if init == weights.SCRATCH else f"{variant} +init {init}"
 
 
 @dataclass
@@ -289,6 +289,7 @@ def plot_curves(curves: dict, arms: list[str], keys: list[str]):
                 ax.fill_between(epochs, low, high, color=f"C{i}", alpha=0.2)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("per epoch: mean over seeds, band from the lowest to the highest seed", fontsize=9)

@@ -687,7 +687,7 @@ def collect_results(grid, p: Plan) -> list[tables.TrialResult]:
             status = "ok"
         else:
             status = "interrupted"  # stopped by Ctrl-C (or never started): --resume continues it
-        label = cfg.variant if cfg.init == weights.SCRATCH else f"{cfg.variant} +init {cfg.init}"
+        label = report.arm_label(cfg.variant, cfg.init)
         results.append(tables.TrialResult(label, cfg.seed, metrics, status, reason))
     return results
 

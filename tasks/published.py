@@ -15,7 +15,7 @@ class Published:
     """One published row: an arm's numbers from one source, keyed like the report's columns (`best/top1`,
     `last5/top1`, `best/miou_tile`, `best/test_low/instance_top10`, ...); a metric the source leaves blank is absent.
 
-    `runs` holds the per-run values where the source gives them (then `values` are their means)."""
+    `runs` holds the per-run values where the source gives them; `values` are always the numbers the source prints."""
 
     arm: str  # the arm of this project the row corresponds to, e.g. "gated:norm=inside"
     label: str  # the row's name in the source, e.g. "Gated (eq. 3.11)"
@@ -24,9 +24,12 @@ class Published:
     runs: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     @classmethod
-    def from_runs(cls, arm: str, label: str, source: str, runs: dict[str, tuple[float, ...]]) -> Published:
-        """A row whose values are the means of the given per-run values."""
-        return cls(arm, label, source, {k: round(statistics.fmean(v), 4) for k, v in runs.items()}, runs)
+    def from_runs(
+        cls, arm: str, label: str, source: str, runs: dict[str, tuple[float, ...]], means: dict[str, float]
+    ) -> Published:
+        """A row with its per-run values and the means the source prints (rounded there from unrounded runs: the
+        thesis' 75.963 is not the mean of its rounded runs, 75.962)."""
+        return cls(arm, label, source, dict(means), runs)
 
     def std(self, column: str) -> float | None:
         """The std (n-1) over the published runs of `column`, when the source gives two or more."""

@@ -174,7 +174,7 @@ def test_mlflow_artifacts_land_in_the_bucket(s3_sweep):
         assert isinstance(summary, dict) and summary
         assert {"checkpoints", "summary.json"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert f"mlflow/{parent.info.run_id}/artifacts/comparison.md" in keys
+    assert f"mlflow/{parent.info.run_id}/artifacts/report/report.md" in keys
 
 
 @pytest.mark.slow

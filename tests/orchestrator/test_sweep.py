@@ -298,5 +298,5 @@ def test_a_diverging_trial_is_failed_with_its_reason_and_the_others_finish(ray_s
     status = {c.data.params["init"]: (c.info.status, c.data.tags.get(tracking.FAILURE_TAG)) for c in children}
     assert status == {"scratch": ("FINISHED", None), str(tmp_path / "overflowing.pt"): ("FAILED", bad.reason)}
     assert parent.info.status == "FAILED"
-    comparison = Path(client.download_artifacts(parent.info.run_id, "comparison.md", str(tmp_path))).read_text()
-    assert bad.reason in comparison
+    markdown = Path(client.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path))).read_text()
+    assert bad.reason in markdown and "| failed " in markdown

@@ -63,12 +63,20 @@ def test_zero_and_partial_beat_random_retrieval_and_the_tables_follow_the_thesis
     skipped = client.download_artifacts(parent.info.run_id, "data/skipped_images.csv", str(tmp_path))
     assert "missing" in open(skipped).read()
 
-    out = capsys.readouterr().out
-    assert "instance top-k (%) per occlusion level, as thesis table 4.5" in out
-    assert "chain top-k (%) per occlusion level, as thesis table 4.6" in out
-    header = next(line for line in out.splitlines() if line.startswith("| variant") and "none 1 " in line)
+    # The report: the thesis-layout tables in report.md, top-k against occlusion as plots, the headline in the
+    # terminal (the wide tables stay in the files).
+    report_files = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/report.csv", "report/series-1.png", "report/series-2.png"} <= report_files
+    markdown = open(client.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path))).read()
+    assert "instance top-k (%) per occlusion level, as thesis table 4.5" in markdown
+    assert "chain top-k (%) per occlusion level, as thesis table 4.6" in markdown
+    header = next(line for line in markdown.splitlines() if line.startswith("| variant") and "none 1 " in line)
     assert [c.strip() for c in header.split("|")[1:-1]] == ["variant", "seeds"] + [
         f"{'none' if level == 'unoccluded' else level} {k}" for level in LEVELS for k in (1, 10, 100)
     ]
-    rows = [line for line in out.splitlines() if line.startswith("| zero ") or line.startswith("| partial ")]
+    rows = [line for line in markdown.splitlines() if line.startswith("| zero ") or line.startswith("| partial ")]
     assert len(rows) == 4 and all("2/2" in row for row in rows)
+    assert "Zero+*" in markdown and "Partial_1ch+" in markdown  # the thesis' rows beside ours
+    out = capsys.readouterr().out
+    view = out[out.index("best/test_unoccluded/instance_top1: mean") : out.index("\nReport (Markdown")]
+    assert max(len(line) for line in view.splitlines()) <= 120 and "partial " in view

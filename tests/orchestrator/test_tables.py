@@ -1,0 +1,144 @@
+"""The report's statistics on hand-made samples, and its tables in every format carrying the same numbers."""
+
+import csv
+import io
+import math
+import statistics
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from orchestrator import tables
+from orchestrator.tables import TrialResult
+from tasks import get_task
+from tasks.published import Published
+
+
+def welch_by_hand(a, b) -> float:
+    """Welch's two-sided p-value written out: t with each sample's own variance, Welch-Satterthwaite's degrees of
+    freedom (not Student's pooled test, whose df would be len(a) + len(b) - 2)."""
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    t = (statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return 2 * stats.t.sf(abs(t), df)
+
+
+def test_a_large_known_difference_is_significant_and_its_interval_holds_the_truth():
+    rng = np.random.default_rng(1)
+    base, arm = rng.normal(0, 1, 10), rng.normal(5, 2, 8)  # unequal variances and sizes: Welch's case
+    test = tables.compare(arm, base)
+    assert test.significant and test.p < 1e-4
+    assert test.diff == pytest.approx(arm.mean() - base.mean())
+    assert test.ci_low < 5 < test.ci_high  # the true difference
+    assert test.ci_low < test.diff < test.ci_high
+    assert test.p == pytest.approx(stats.ttest_ind(arm, base, equal_var=False).pvalue, rel=1e-12)
+    assert test.p == pytest.approx(welch_by_hand(list(arm), list(base)), rel=1e-9)
+    assert test.p != pytest.approx(stats.ttest_ind(arm, base).pvalue, rel=1e-3)  # not Student's
+    assert tables.compare(arm, base) == test  # seeded: the same samples give the same interval
+
+
+def test_identical_samples_are_not_significant_and_few_seeds_are_not_tested():
+    same = [75.6, 75.9, 75.7]
+    test = tables.compare(same, same)
+    assert not test.significant and test.p == pytest.approx(1.0) and test.diff == 0
+    assert test.ci_low <= 0 <= test.ci_high
+    constant = tables.compare([1.0, 1.0], [1.0, 1.0])  # no variance at all: scipy's p is NaN
+    assert not constant.significant and not constant.tested and "same value" in constant.note
+    one = tables.compare([76.0], [75.0, 75.5])
+    assert not one.tested and one.note == tables.NO_TEST and one.diff == pytest.approx(0.75)
+    assert math.isnan(tables.compare([], [1.0, 2.0]).diff)
+
+
+def test_the_thesis_table_4_1_numbers_come_out_of_the_tables():
+    """The thesis' own per-run values through `build`: its means, stds (n-1) and differences (Table 4.1)."""
+    runs = {
+        "zero": (75.614, 75.668, 75.884),
+        "partial": (76.148, 75.908, 76.138),
+        "edge": (75.046, 74.458, 75.034),
+    }
+    results = [TrialResult(arm, s, {"best/top1": v}) for arm, values in runs.items() for s, v in enumerate(values)]
+    built = tables.build(results, ["best/top1"])
+    assert built.arms == ["zero", "edge", "partial"]
+    zero, partial, edge = (built.rows["best/top1", a] for a in ("zero", "partial", "edge"))
+    assert round(zero.mean, 3) == 75.722 and round(zero.std, 3) == 0.143
+    assert round(partial.test.diff, 3) == 0.343 and round(partial.std, 3) == 0.136
+    assert round(edge.test.diff, 3) == -0.876 and round(edge.std, 3) == 0.336
+    assert partial.test.tested and edge.test.tested and zero.test is None  # the baseline is not tested against itself
+    assert partial.test.p == pytest.approx(stats.ttest_ind(runs["partial"], runs["zero"], equal_var=False).pvalue)
+
+
+def sweep_like(arms, seeds, columns, holes=()) -> list[TrialResult]:
+    rng = np.random.default_rng(0)
+    results = []
+    for i, arm in enumerate(arms):
+        for seed in seeds:
+            if (arm, seed) in holes:
+                status = holes[arm, seed]
+                if status != "missing":
+                    results.append(TrialResult(arm, seed, {}, status, "diverged" if status == "failed" else ""))
+                continue
+            results.append(TrialResult(arm, seed, {c: 70 + i + float(rng.normal()) for c in columns}))
+    return results
+
+
+def test_every_format_carries_the_same_numbers_and_the_terminal_fits_120_columns():
+    columns = tables.columns(get_task("hotels").table_metrics)  # 25 columns
+    arms = ["zero", "partial", "gated:norm=inside +init /very/long/path/to/a/checkpoint.pt", "edge", "affine", "x"]
+    holes = {("edge", 1): "failed", ("affine", 2): "running", **{("x", s): "missing" for s in range(4)}}
+    results = sweep_like(arms, range(5), columns, holes)
+    published = get_task("hotels").published
+    built = tables.build(results, columns, seeds=range(5), published=published, alpha=0.01)
+    view = built.terminal()
+    assert max(len(line) for line in view.splitlines()) <= 120
+    assert view.splitlines()[0].startswith(columns[0])  # the headline first
+    assert all(column in view for column in columns[1:])
+
+    lines = list(csv.DictReader(io.StringIO(built.csv())))
+    ours = {(r["metric"], r["arm"]): r for r in lines if r["source"] == "this sweep"}
+    assert len(ours) == len(columns) * len(arms)
+    for (column, arm), line in ours.items():
+        row = built.rows[column, arm]
+        values = [r.metrics[column] for r in results if r.variant == arm and r.status == "ok"]
+        assert line["n"] == f"{len(values)}/5" == row.n
+        if values:
+            assert float(line["mean"]) == pytest.approx(statistics.fmean(values), abs=1e-12)
+        if len(values) > 1:
+            assert float(line["std"]) == pytest.approx(statistics.stdev(values), abs=1e-12)
+        if arm != "zero" and len(values) > 1:
+            base = [r.metrics[column] for r in results if r.variant == "zero"]
+            assert float(line["diff"]) == pytest.approx(statistics.fmean(values) - statistics.fmean(base))
+            assert float(line["p"]) == pytest.approx(stats.ttest_ind(values, base, equal_var=False).pvalue)
+            assert line["significant"] == str(float(line["p"]) < 0.01).lower()
+            cell = f"{float(line['mean']):.3f}"
+            assert cell in built.markdown() and cell in built.latex()
+    assert ours[columns[0], "edge"]["seed 1"] == "failed" and ours[columns[0], "edge"]["n"] == "4/5"
+    assert ours[columns[0], "affine"]["seed 2"] == "running" and ours[columns[0], "x"]["seed 0"] == "missing"
+    assert ours[columns[0], "x"]["note"] == tables.NO_TEST
+
+    sources = {r["source"] for r in lines if r["source"] != "this sweep"}
+    assert sources == {p.source for p in published}
+    latex = built.latex()
+    assert latex.count("\\toprule") == latex.count("\\bottomrule") == len(columns)
+    assert "best/test\\_low/instance\\_top10" in latex and "Edge\\_no7" not in latex
+    markdown = built.markdown()
+    assert markdown.count("### ") == len(columns) and "Published" in markdown and "Zero+*" in markdown
+
+
+def test_published_rows_match_the_thesis_tables():
+    rows = {(p.source.split(":")[0], p.label): p for p in get_task("classification").published}
+    zero = rows["thesis Tables 4.1/4.2", "Zero"]
+    assert zero.arm == "zero" and zero.values["best/top1"] == 75.722 and round(zero.std("best/top1"), 3) == 0.143
+    assert rows["thesis Tables 4.1/4.2", "Gated (eq. 3.11)"].values["last5/top1"] == 74.748
+    hotels = {p.label: p for p in get_task("hotels").published}
+    assert hotels["Zero+*"].values["best/test_high/instance_top100"] == 24.0
+    assert "best/test_low/chain_top1" not in hotels["Zero+*"].values  # blank in the thesis
+    assert hotels["Gated+ (eq. 3.11)"].values["best/test_medium/chain_top3"] == 41.3
+    seg = [p for p in get_task("segmentation").published if p.label == "WN38_partial*"][0]
+    assert seg.values == {"best/miou": 79.082, "best/miou_tile": 79.907, "best/miou_tile_overlap": 80.079}
+    for task in ("classification", "segmentation", "hotels"):
+        columns = set(tables.columns(get_task(task).table_metrics))
+        for p in get_task(task).published:
+            assert set(p.values) <= columns, (task, p.label)  # every published number lands in a report column
+    published = Published.from_runs("a", "A", "s", {"best/x": (1.0, 3.0)}, {"best/x": 2.0})
+    assert published.values == {"best/x": 2.0} and published.std("best/x") == pytest.approx(math.sqrt(2))
