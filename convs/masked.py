@@ -48,7 +48,16 @@ class Masked(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self._layers = frozenset(id(m) for m in model.modules() if isinstance(m, MASK_AWARE))
+        self._layers = self._mask_aware_layers()
+
+    def _mask_aware_layers(self) -> frozenset[int]:
+        return frozenset(id(m) for m in self.model.modules() if isinstance(m, MASK_AWARE))
+
+    def __setstate__(self, state: dict) -> None:
+        """A pickled or deep-copied `Masked` (an MLflow model, a checkpointed module) holds new layer objects: find
+        them again, or its copies would run the mask-aware layers without the mask."""
+        super().__setstate__(state)
+        self._layers = self._mask_aware_layers()
 
     @property
     def mask_aware(self) -> bool:

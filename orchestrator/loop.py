@@ -50,6 +50,14 @@ class Tracker(Protocol):
     def log_final(self, summary: dict[str, float], curves: list[str]) -> None:
         """The run's summary (best, last-5 mean) and the metrics to draw as training curves."""
 
+    def log_model(
+        self, net: nn.Module, weights: nn.Module, best_checkpoint: Path, inputs: Any, tags: dict[str, str]
+    ) -> str | None:
+        """Once training is over, the best epoch's model: `best_checkpoint`'s weights loaded into `weights` (the
+        trained model inside `net`), `net` (what the task calls) logged with a signature from a forward pass on
+        `inputs` (a training batch's) and `tags` (task, variant, seed, preset); its id, or None when it could not
+        be logged (a failure here must not fail the trial)."""
+
     def logged_epochs(self, metric: str) -> set[int]:
         """The epochs whose `metric` is already logged (a resumed trial logs only the others)."""
 
@@ -442,6 +450,10 @@ def train(
         summary = summarize(history, task.table_metrics) if rank == 0 and history else {}
         if rank == 0 and tracker is not None and summary:
             tracker.log_final(summary, ["train/loss", *task.table_metrics])
+            # Training is over: the tracker may load the best weights into `model` and move it to the CPU.
+            inputs, _ = next(iter(train_loader))
+            tags = {"task": cfg.task, "variant": cfg.variant, "seed": str(cfg.seed), "preset": cfg.preset}
+            tracker.log_model(eval_net, model, workdir / "best.pt", inputs, tags)
         return {"history": history, **summary}
     finally:
         if own is not None:

@@ -1,4 +1,5 @@
-"""MLflow bookkeeping: one experiment per task, a parent run per sweep, one nested run per trial.
+"""MLflow bookkeeping: one experiment per task, a parent run per sweep, one nested run per trial, and each trial's
+best model as an MLflow model (a LoggedModel of its run, PyTorch flavour).
 
 Everything goes through `MlflowClient` with an explicit tracking URI (no global `mlflow.set_tracking_uri`), so
 the driver, Tune functions and Ray Train workers each talk to the same store without shared state.
@@ -6,22 +7,32 @@ the driver, Tune functions and Ray Train workers each talk to the same store wit
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
+import importlib.metadata
 import io
 import logging
+import re
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+import mlflow.pytorch
 import numpy as np
-from mlflow.entities import Metric, Param
+import torch
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from torch import nn
 
 if TYPE_CHECKING:
     from tasks import ClassTable, ConfusionMatrix, Evaluation
@@ -29,6 +40,8 @@ if TYPE_CHECKING:
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3.17 refuses a plain ./mlruns file store
 SWEEP_TAG, TRIAL_TAG = "bench.sweep", "bench.trial_id"
 FAILURE_TAG = "bench.failure"  # why a trial stopped early (a diverged loss), beside its FAILED status
+MODEL_ERROR_TAG = "bench.model_error"  # why a trial that trained has no MLflow model (its metrics stand)
+PROJECT = "invalid-pixels-bench"  # the distribution whose classes a logged model pickles (converted layers, tasks)
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +197,85 @@ def table_csv(table: ClassTable) -> str:
     return buffer.getvalue()
 
 
+class ModelMismatchError(RuntimeError):
+    """A logged model that would not be the trained one."""
+
+
+class PackedInputs(nn.Module):
+    """A model of several inputs (images, masks) that also takes them as one tensor, concatenated along dim 1.
+
+    MLflow's PyTorch pyfunc (`mlflow.pyfunc.load_model`, `mlflow models serve`) calls the model with exactly one
+    tensor (MLflow 3.17 refuses a dict or list input), so a two-input model is served with its inputs packed:
+    `channels` says how to split them again. Called with all its inputs, it is the model as it is.
+    """
+
+    def __init__(self, net: nn.Module, channels: list[int]) -> None:
+        super().__init__()
+        self.net, self.channels = net, list(channels)
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        if len(inputs) == 1 and len(self.channels) > 1:
+            inputs = torch.split(inputs[0], self.channels, dim=1)
+        return self.net(*inputs)
+
+
+def tensor_spec(tensor: torch.Tensor) -> TensorSpec:
+    """The signature of a batch: its batch dimension variable and, for an image batch (N, C, H, W), its height and
+    width too (a convolutional model takes other sizes than its training crops: whole images, an evaluation size)."""
+    array = tensor.detach().cpu().numpy()
+    shape = (-1, array.shape[1], -1, -1) if array.ndim == 4 else (-1, *array.shape[1:])
+    return TensorSpec(array.dtype, shape)
+
+
+def model_requirements() -> list[str]:
+    """What loading a logged model needs, pinned: torch (without a local build label such as +cu130, unknown to
+    PyPI), cloudpickle (MLflow pickles the model with it) and this project (the pickled classes: converted layers,
+    task models). Given explicitly, MLflow skips its requirement inference, a subprocess that loads the model."""
+    requirements = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"cloudpickle=={importlib.metadata.version('cloudpickle')}",
+    ]
+    try:
+        requirements.append(f"{PROJECT}=={importlib.metadata.version(PROJECT)}")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        pass
+    return requirements
+
+
+def check_reloaded(reloaded: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+    """`ModelMismatchError` unless the model as MLflow loads it back gives `output` on `inputs`.
+
+    A module whose state does not survive pickling is logged silently wrong otherwise: `convs.Masked` keeps its
+    mask-aware layers by id(), so its copy runs those layers without the mask.
+    """
+    with torch.no_grad():
+        again = reloaded(*inputs)
+    try:
+        torch.testing.assert_close(again, output)
+    except AssertionError as e:
+        raise ModelMismatchError(
+            "the model as MLflow loads it back does not give the trained model's output on the example batch "
+            f"(a module whose state does not survive pickling?): {str(e).strip().splitlines()[0]}"
+        ) from None
+
+
+@contextlib.contextmanager
+def _quiet(log: logging.Logger, text: str) -> Iterator[None]:
+    """Drop `log`'s records that contain `text` for the duration (MLflow warns on every pickled model)."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return text not in record.getMessage()
+
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
 class MlflowTracker:
-    """Per-trial logging from rank 0 of the Ray Train run: per-epoch metrics, the best epoch, the final summary.
+    """Per-trial logging from rank 0 of the Ray Train run: per-epoch metrics, the best epoch, the final summary,
+    the best model.
 
     Task-agnostic: whatever confusion matrix and per-class tables a task's `Evaluation` holds are drawn the same way.
     """
@@ -223,6 +313,106 @@ class MlflowTracker:
         """The per-run numbers (best, last-5 mean) and the training curves of the metrics in `curves`."""
         self.client.log_dict(self.run_id, summary, "summary.json")
         self._log_curves(curves)
+
+    def log_model(
+        self, net: nn.Module, weights: nn.Module, best_checkpoint: Path, inputs: Any, tags: dict[str, str]
+    ) -> str | None:
+        """The best epoch's model as an MLflow model (PyTorch flavour, a LoggedModel of this run); its id, or None.
+
+        `best_checkpoint`'s "model" state (the run's logged copy when the file is gone: a trial resumed in another
+        worker) loads into `weights`, the module inside `net` that the loop trains; `net` (what the task calls, e.g.
+        the model taking images and masks), in eval mode on the CPU, is what is logged: call this once training is
+        over. `inputs`, a batch as the loader gives it (a tensor, or a tuple of the model's inputs), gives the
+        signature through a real forward pass. `tags` (task, variant, seed...) become the model's, with the run's
+        trial and sweep tags; its params are the run's. Weights only: no optimizer state.
+
+        A failure is logged as a warning and as the run's `bench.model_error` tag, never raised: the trial's metrics
+        stand without their model.
+        """
+        try:
+            return self._log_model(net, weights, best_checkpoint, inputs, tags)
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}"
+            logger.warning("run %s: the best model was not logged as an MLflow model: %s", self.run_id, reason)
+            try:
+                self.client.set_tag(self.run_id, MODEL_ERROR_TAG, reason[:5000])
+            except Exception as tag_error:
+                logger.warning("run %s: cannot set the %s tag either: %s", self.run_id, MODEL_ERROR_TAG, tag_error)
+            return None
+
+    def _log_model(
+        self, net: nn.Module, weights: nn.Module, best_checkpoint: Path, inputs: Any, tags: dict[str, str]
+    ) -> str:
+        with tempfile.TemporaryDirectory(prefix="best-model-") as tmp:
+            if not best_checkpoint.is_file():
+                best_checkpoint = Path(
+                    self.client.download_artifacts(self.run_id, f"checkpoints/{best_checkpoint.name}", tmp)
+                )
+            best = torch.load(best_checkpoint, map_location="cpu", weights_only=True)
+            weights.load_state_dict(best["model"])
+            net.to("cpu").eval()
+            inputs = tuple(x[:2].cpu() for x in (inputs if isinstance(inputs, tuple | list) else (inputs,)))
+            with torch.no_grad():
+                output = net(*inputs)
+            logged = net if len(inputs) == 1 else PackedInputs(net, [x.shape[1] for x in inputs])
+            signature = ModelSignature(
+                Schema([tensor_spec(torch.cat(inputs, dim=1))]),
+                Schema([tensor_spec(output)]) if isinstance(output, torch.Tensor) else None,
+            )
+            run = self.client.get_run(self.run_id)
+            model_tags = {k: run.data.tags[k] for k in (TRIAL_TAG, SWEEP_TAG) if k in run.data.tags}
+            model = self.client.create_logged_model(
+                run.info.experiment_id,
+                # A name may not hold / : . % or quotes; variant specs have colons (gated:norm=inside).
+                name=re.sub(r"[/:.%\"']", "_", run.data.tags.get(MLFLOW_RUN_NAME) or "best"),
+                source_run_id=self.run_id,
+                tags={**model_tags, **{k: str(v) for k, v in tags.items()}},
+                params=run.data.params,
+            )
+            try:
+                # What `mlflow.pytorch.log_model` does, through this tracker's client rather than MLflow's global
+                # tracking URI and active run. Pickled, not MLflow's default pt2 (torch.export): an exported graph
+                # is fixed to the example's image size and takes seconds; the pickle is the model itself.
+                metadata = {"packed_inputs": logged.channels} if isinstance(logged, PackedInputs) else None
+                local = Path(tmp) / "model"
+                with _quiet(logging.getLogger("mlflow.pytorch"), "Pickle or CloudPickle"):  # see above why
+                    mlflow.pytorch.save_model(
+                        logged,
+                        str(local),
+                        mlflow_model=Model(
+                            artifact_path=model.artifact_location,
+                            model_uuid=model.model_id,
+                            run_id=self.run_id,
+                            model_id=model.model_id,
+                        ),
+                        signature=signature,
+                        metadata=metadata,
+                        serialization_format="pickle",
+                        pip_requirements=model_requirements(),
+                    )
+                check_reloaded(mlflow.pytorch.load_model(str(local)), inputs, output)
+                self.client.log_model_artifacts(model.model_id, str(local))
+                epoch = int(best.get("epoch", 0))
+                self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=epoch)])
+                self._link_metrics(model.model_id, epoch, run.data.metrics)
+            except BaseException:
+                self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+                raise
+            self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        logger.debug("run %s: best model (epoch %d) logged as %s", self.run_id, epoch, model.model_id)
+        return model.model_id
+
+    def _link_metrics(self, model_id: str, epoch: int, keys: Iterable[str]) -> None:
+        """The run's metrics at the best epoch, linked to the model (its page shows them; search_logged_models
+        filters on them). Re-logged with their own timestamps, so the run's history gains no point."""
+        linked = [
+            Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, run_id=self.run_id)
+            for key in keys
+            for m in self.client.get_metric_history(self.run_id, key)
+            if m.step == epoch and m.model_id is None
+        ]
+        if linked:
+            self.client.log_batch(self.run_id, metrics=linked)
 
     def _log_table_png(self, table: ClassTable) -> None:
         """A grouped bar chart: one group per class, one bar per column (NaN, e.g. an absent class: no bar)."""

@@ -206,3 +206,22 @@ def test_compiled_masked_model_matches_eager(variant):
             compiled(x, occlusion(2, 32, seed=1)), masked(x, occlusion(2, 32, seed=1)), rtol=1e-4, atol=1e-4
         )
         torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("copy_with", ["pickle", "deepcopy"])
+def test_a_copied_masked_model_still_hands_the_mask_to_its_layers(copy_with, tmp_path):
+    """An MLflow model or a saved module is a pickled copy: its own (new) layers must still get the mask."""
+    import copy
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    convs.convert(model, "partial")
+    masked = convs.Masked(model).eval()
+    if copy_with == "pickle":
+        torch.save(masked, tmp_path / "masked.pt")
+        copied = torch.load(tmp_path / "masked.pt", weights_only=False)
+    else:
+        copied = copy.deepcopy(masked)
+    x, mask = torch.randn(2, 3, 12, 12), occlusion(2, 12)
+    with torch.no_grad():
+        assert not torch.allclose(masked(x, mask), masked(x))  # the mask matters here
+        torch.testing.assert_close(copied(x, mask), masked(x, mask), rtol=0, atol=0)

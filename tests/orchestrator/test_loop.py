@@ -83,6 +83,10 @@ class RecordingTracker:
     def log_final(self, summary, curves):
         self.calls.append(("final", summary, curves))
 
+    def log_model(self, net, weights, best_checkpoint, inputs, tags):
+        best = torch.load(best_checkpoint, weights_only=False) if best_checkpoint.is_file() else None
+        self.calls.append(("model", net, weights, best, inputs, tags))
+
     def logged_epochs(self, metric):
         return {c[1] for c in self.calls if c[0] == "epoch"}
 
@@ -94,15 +98,22 @@ def test_tracker_gets_every_epoch_the_typed_best_evaluation_and_the_summary(cach
     tracker = RecordingTracker()
     out = train(config(cache, seed=1, overrides={"epochs": 2}), tracker=tracker)
     kinds = [c[0] for c in tracker.calls]
-    assert kinds.count("epoch") == 2 and kinds[-1] == "final" and "best" in kinds
+    assert kinds.count("epoch") == 2 and kinds[-2:] == ["final", "model"] and "best" in kinds
     for _, name, evaluation in (c for c in tracker.calls if c[0] == "best"):
         assert name == "best.pt" and isinstance(evaluation, Evaluation)
         assert evaluation.confusion.counts.shape == (4, 4) and len(evaluation.confusion.classes) == 4
         assert set(evaluation.scalars) == {"val/top1", "val/top5", "val/loss"}
     epoch_metrics = [c[2] for c in tracker.calls if c[0] == "epoch"]
     assert all(isinstance(v, float | int) for m in epoch_metrics for v in m.values())  # scalars only
-    assert tracker.calls[-1][1] == {k: v for k, v in out.items() if k != "history"}
-    assert tracker.calls[-1][2] == ["train/loss", "val/top1"]
+    assert tracker.calls[-2][1] == {k: v for k, v in out.items() if k != "history"}
+    assert tracker.calls[-2][2] == ["train/loss", "val/top1"]
+    # Once, at the end: the trained model (what the task calls), the best epoch's checkpoint, a training batch.
+    _, net, weights, best, inputs, tags = tracker.calls[-1]
+    assert net is weights and isinstance(net, torch.nn.Module)  # classification: no masks, the model itself
+    assert best["epoch"] == max(range(2), key=lambda e: out["history"][e]["val/top1"]) and "optimizer" not in best
+    assert best["model"].keys() == net.state_dict().keys()
+    assert inputs.shape == (16, 3, 32, 32)
+    assert tags == {"task": "classification", "variant": "zero", "seed": "1", "preset": "smoke"}
 
 
 def test_same_seed_same_run(cache):
