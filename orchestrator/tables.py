@@ -7,6 +7,7 @@ import csv
 import io
 import math
 import statistics
+import textwrap
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -104,7 +105,7 @@ def _fmt(value) -> str:
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     """A plain Markdown table of strings, columns padded to their widest cell (it reads fine in a terminal too)."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
@@ -354,16 +355,20 @@ class Built:
     # terminal -----------------------------------------------------------------------------------------------------
 
     def terminal(self, width: int = 120) -> str:
-        """The headline metric (the first column) in full, one line per arm; the other metrics one line each
-        (differences to the baseline, * where significant); the published headline rows. No line is longer than
-        `width`."""
+        """The headline metric (the first column) in full, one line per arm; the published headline rows for the
+        arms of this sweep; then the other metrics as a grid of differences to the baseline, one line per metric
+        and one column per arm (* where significant), as many arms as `width` holds. No line is longer than
+        `width`; arm names that do not fit end in "…"."""
+        if not self.arms or not self.columns:
+            return "(no results)"
         head = self.columns[0]
         arm_width = min(max(len(a) for a in self.arms), 28)
-        lines = [
+        intro = (
             f"{head}: mean ± std over finished seeds, difference to {self.baseline} with its bootstrap 95% CI and "
-            f"Welch p (* p < {self.alpha:g})",
-            f"{'arm':<{arm_width}}  seeds  {'mean ± std':<17}  {'diff':>8}  {'95% CI':<19}  {'p':>7}",
-        ]
+            f"Welch p (* p < {self.alpha:g})"
+        )
+        lines = textwrap.wrap(intro, width)
+        lines.append(f"{'arm':<{arm_width}}  seeds  {'mean ± std':<17}  {'diff':>8}  {'95% CI':<19}  {'p':>7}")
         for arm in self.arms:
             row, test = self.rows[head, arm], self.rows[head, arm].test
             spread = _num(row.mean) + (f" ± {_num(row.std)}" if len(row.values) > 1 else "")
@@ -377,26 +382,44 @@ class Built:
                 text += " *" if test.significant else ""
             lines.append(text)
         published = self.published_for(head)
-        ours = [p for p in published if p.arm in self.arms]
+        ours = [(arm, p) for p in published for arm in self.arms if p.matches(arm)]
         if ours:
             lines.append(f"published for these arms, other data and scale ({len(published)} rows in report.md):")
-            for p in ours:
-                lines.append(f"  {_fit(p.arm, arm_width):<{arm_width}}  {_num(p.values[head])}  {p.label}, {p.source}")
+            for arm, p in ours:
+                lines.append(f"  {_fit(arm, arm_width):<{arm_width}}  {_num(p.values[head])}  {p.label}, {p.source}")
         elif published:
             lines.append(f"published: {len(published)} rows for other arms, in report.md")
-        if len(self.columns) > 1:
-            lines.append(
-                f"other metrics, difference to {self.baseline} (* p < {self.alpha:g}; full tables in report.md):"
-            )
-            for column in self.columns[1:]:
-                diffs = []
-                for arm in self.arms:
-                    test = self.rows[column, arm].test
-                    if test is not None:
-                        mark = "*" if test.significant else ""
-                        diffs.append(f"{arm} {_num(test.diff, signed=True)}{mark}")
-                lines.append(f"  {column}: " + ", ".join(diffs))
-        return "\n".join(_fit(line, width) for line in lines)
+        others = [a for a in self.arms if a != self.baseline]
+        if len(self.columns) > 1 and others:
+            lines += self._grid(others, width)
+        return "\n".join(_fit(line.rstrip(), width) for line in lines)
+
+    def _grid(self, arms: list[str], width: int) -> list[str]:
+        """The other metrics' differences to the baseline: one line per metric, one column per arm."""
+        metric_width = min(max(len(c) for c in self.columns[1:]), 40)
+        cell = max(9, min(max(len(a) for a in arms), 14))
+        fits = max(1, (width - metric_width - 2) // (cell + 2))
+        shown = arms[:fits]
+        lines = [
+            f"other metrics, difference to {self.baseline} (* p < {self.alpha:g}; n<2: no test possible; "
+            f"full tables in report.md):",
+            f"  {'':<{metric_width}}" + "".join(f"  {_fit(a, cell):>{cell}}" for a in shown),
+        ]
+        for column in self.columns[1:]:
+            cells = []
+            for arm in shown:
+                test = self.rows[column, arm].test
+                if test is None or math.isnan(test.diff):
+                    text = "n/a"
+                elif not test.tested:
+                    text = "n<2"
+                else:
+                    text = _num(test.diff, signed=True) + ("*" if test.significant else " ")
+                cells.append(f"  {text:>{cell}}")
+            lines.append(f"  {_fit(column, metric_width):<{metric_width}}" + "".join(cells))
+        if len(arms) > len(shown):
+            lines.append(f"  ({len(arms) - len(shown)} more arms in report.md: {', '.join(arms[len(shown) :])})")
+        return lines
 
 
 def build(
@@ -422,7 +445,8 @@ def build(
                 if r.variant != arm:
                     continue
                 ok = r.status == "ok" and column in r.metrics and not math.isnan(r.metrics[column])
-                cells[r.seed] = r.metrics[column] if ok else (r.status if r.status != "ok" else "no value")
+                if ok or isinstance(cells.get(r.seed, ""), str):  # a seed run twice: its finished value wins
+                    cells[r.seed] = r.metrics[column] if ok else (r.status if r.status != "ok" else "no value")
             values[arm] = tuple(v for _, v in sorted(cells.items()) if not isinstance(v, str))
             expected = len(set(seeds or ()) | set(cells))
             rows[column, arm] = (cells, expected)
@@ -468,7 +492,12 @@ def _short(source: str) -> str:
     return source.split(":")[0]
 
 
-_TEX = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}"}
+_TEX = {
+    **{c: "\\" + c for c in "_%&#${}"},
+    "\\": r"\textbackslash{}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 
 
 def _tex(text: str) -> str:

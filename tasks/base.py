@@ -26,6 +26,13 @@ class Task(Protocol):
     shard: classification and segmentation sum their counts over the workers with one all-reduce, hotels gathers
     the embeddings of each shard to rank 0); only rank 0's result is used.
 
+    Optional too: `published: ClassVar[tuple[tasks.published.Published, ...]]` (empty when absent), the numbers the
+    thesis and its sources printed for this task, each row keyed like the sweep report's columns (`best/top1`,
+    `last5/top1`, `best/test_low/chain_top3`: `best/` or `last5/` and the table metric without `val/`, a blank
+    of the source an absent key) and naming the arm of this project it corresponds to; the report sets them,
+    labelled with their source and data, beside its own tables. They live in the task's `published.py` and are
+    restated with their sources in docs/published.md, which a test keeps equal to them.
+
     Tasks never import ray, mlflow or the orchestrator. Each lives in its own package with the same files
     (`data`, `synthetic`, `model`, `metrics`, `presets`, `task`), so a new task starts as a copy of a folder.
     """

@@ -17,7 +17,9 @@ class Published:
 
     `runs` holds the per-run values where the source gives them; `values` are always the numbers the source prints."""
 
-    arm: str  # the arm of this project the row corresponds to, e.g. "gated:norm=inside"
+    # The arm of this project the row corresponds to, e.g. "gated:norm=inside"; a pretrained row ends in " +init"
+    # (the thesis' "Zero+"): it matches every arm of that variant started from weights, "zero +init <weights>".
+    arm: str
     label: str  # the row's name in the source, e.g. "Gated (eq. 3.11)"
     source: str  # where and on which data, e.g. "thesis Table 4.1: ImageNet val, ResNet50, 100 epochs"
     values: dict[str, float]
@@ -30,6 +32,10 @@ class Published:
         """A row with its per-run values and the means the source prints (rounded there from unrounded runs: the
         thesis' 75.963 is not the mean of its rounded runs, 75.962)."""
         return cls(arm, label, source, dict(means), runs)
+
+    def matches(self, arm: str) -> bool:
+        """Whether this row belongs beside a sweep's arm of that label (`orchestrator.report.arm_label`)."""
+        return arm == self.arm or (self.arm.endswith(" +init") and arm.startswith(self.arm + " "))
 
     def std(self, column: str) -> float | None:
         """The std (n-1) over the published runs of `column`, when the source gives two or more."""

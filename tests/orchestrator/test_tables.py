@@ -142,3 +142,43 @@ def test_published_rows_match_the_thesis_tables():
             assert set(p.values) <= columns, (task, p.label)  # every published number lands in a report column
     published = Published.from_runs("a", "A", "s", {"best/x": (1.0, 3.0)}, {"best/x": 2.0})
     assert published.values == {"best/x": 2.0} and published.std("best/x") == pytest.approx(math.sqrt(2))
+
+
+def test_a_degenerate_sample_still_gets_a_finite_percentile_interval():
+    """One arm without variance (every seed the same top-1, common on small data): BCa's jackknife would give NaN
+    and a warning; the percentile interval stays finite and holds the difference."""
+    test = tables.compare([71.0, 71.0, 71.0], [70.0, 70.5, 69.5])
+    assert test.tested and math.isfinite(test.ci_low) and test.ci_low <= test.diff == 1.0 <= test.ci_high
+
+
+def test_a_seed_run_twice_keeps_its_finished_value_and_no_results_render():
+    results = [
+        TrialResult("zero", 0, {"best/top1": 70.0}),
+        TrialResult("zero", 0, {}, "interrupted"),  # the same seed, a later attempt cut short
+        TrialResult("zero", 1, {}, "failed"),
+        TrialResult("zero", 1, {"best/top1": 71.0}),
+    ]
+    built = tables.build(results, ["best/top1"], seeds=[0, 1, 2])
+    row = built.rows["best/top1", "zero"]
+    assert row.cells == {0: 70.0, 1: 71.0} and row.n == "2/3" and "missing" in built.markdown()
+    empty = tables.build([], ["best/top1"], seeds=[0])
+    assert empty.terminal() == "(no results)" and "### best/top1" in empty.markdown()
+    assert empty.csv().startswith("metric,") and "\\bottomrule" in empty.latex()
+
+
+def test_the_terminal_wraps_truncates_and_points_to_the_files():
+    columns = tables.columns(get_task("hotels").table_metrics)
+    long = "gated:norm=inside +init /very/long/path.pt"
+    arms = ["zero", long, *(f"arm{i}" for i in range(9))]  # more arms than the grid of other metrics holds
+    built = tables.build(sweep_like(arms, range(3), columns), columns, seeds=range(3))
+    lines = built.terminal(width=120).splitlines()
+    assert all(len(line) <= 120 for line in lines) and not any(line.endswith(" ") for line in lines)
+    assert lines[0].startswith(columns[0]) and not lines[0].endswith("…")  # the header wraps, not cut
+    assert any(line.startswith("gated:norm=inside +init /ve…") for line in lines)  # the arm cut, with "…"
+    grid = lines[next(i for i, line in enumerate(lines) if line.startswith("other metrics")) + 1 :]
+    assert len(grid) == 1 + len(columns) - 1 + 1 and "more arms in report.md" in grid[-1]
+    assert all(line.split()[0] == column for line, column in zip(grid[1:-1], columns[1:], strict=True))
+    narrow = built.terminal(width=80).splitlines()
+    assert all(len(line) <= 80 for line in narrow)
+    latex = tables.build([TrialResult("a~b^c_d", 0, {"x": 1.0})], ["x"], baseline="a~b^c_d").latex()
+    assert r"a\textasciitilde{}b\textasciicircum{}c\_d" in latex
