@@ -162,33 +162,6 @@ def test_build_param_space_grid_and_optuna():
     assert samples == 3 * 4 and "variant" not in space and "space.lr" in space and search is not None
 
 
-def result(variant, seed, status="ok", **metrics):
-    return tables.TrialResult(variant, seed, metrics, status)
-
-
-def test_comparison_mean_std_difference_and_missing_trials():
-    results = [
-        result("partial", 0, **{"best/top1": 76.0}),
-        result("partial", 1, **{"best/top1": 78.0}),
-        result("zero", 0, **{"best/top1": 75.0}),
-        result("zero", 1, "interrupted"),
-        result("edge", 1, "failed"),
-    ]
-    rows = tables.comparison(results, ["best/top1"])
-    assert [r["variant"] for r in rows] == ["zero", "edge", "partial"]  # the baseline first
-    zero, edge, partial = rows
-    assert zero["best/top1 seed 1"] == "interrupted" and zero["best/top1 mean"] == 75.0 and zero["best/top1 std"] == 0
-    assert edge["best/top1 seed 0"] == "missing" and edge["best/top1 seed 1"] == "failed"
-    assert math.isnan(edge["best/top1 mean"]) and math.isnan(edge["best/top1 diff to zero"])
-    assert partial["best/top1 mean"] == 77.0 and partial["best/top1 std"] == pytest.approx(math.sqrt(2))  # n - 1
-    assert partial["best/top1 diff to zero"] == 2.0
-    table = tables.markdown(rows).splitlines()
-    assert table[0].startswith("| variant | best/top1 seed 0") and table[1].startswith("|---------|")
-    assert "| n/a " in table[3] and "| 77.000 " in table[4] and len({len(line) for line in table}) == 1
-    assert tables.to_csv(rows).splitlines()[0].startswith("variant,best/top1 seed 0,best/top1 seed 1,")
-    assert tables.markdown([]) == "(no results)"
-
-
 def test_columns_every_metric_at_the_best_epoch_then_last5_of_the_headline():
     assert tables.columns(("val/miou", "val/miou_tile")) == ["best/miou", "best/miou_tile", "last5/miou"]
 

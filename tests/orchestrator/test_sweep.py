@@ -257,7 +257,7 @@ def test_ctrl_c_marks_the_sweep_interrupted_and_resume_finishes_it(ray_session, 
         watcher.join()
     assert [(r.variant, r.seed, r.status) for r in results] == [("zero", 0, "interrupted")]
     out = capsys.readouterr().out
-    assert "| interrupted" in out and f"--resume --name ctrlc --storage {tmp_path / 'sweeps'}" in out
+    assert "1 trial(s) interrupted" in out and f"--resume --name ctrlc --storage {tmp_path / 'sweeps'}" in out
     assert "Tuner.restore" not in out
     client, parent, children = _parent_and_children(tmp_path, "ctrlc")
     assert parent.info.status == "KILLED" and [c.info.status for c in children] == ["KILLED"]
