@@ -31,7 +31,11 @@ class Task(Protocol):
     `last5/top1`, `best/test_low/chain_top3`: `best/` or `last5/` and the table metric without `val/`, a blank
     of the source an absent key) and naming the arm of this project it corresponds to; the report sets them,
     labelled with their source and data, beside its own tables. They live in the task's `published.py` and are
-    restated with their sources in docs/published.md, which a test keeps equal to them.
+    restated with their sources in docs/published.md, which a test keeps equal to them. Two more shape the
+    report's plots: `report_class_table` ((table name, column): the per-class table of `Evaluation.tables` whose
+    column the report averages per arm, segmentation's IoU per class on whole images) and `report_series`
+    (title -> (x labels, {series: one table metric per x}): line plots of each arm over the x labels, hotels'
+    top-k against the occlusion level).
 
     Tasks never import ray, mlflow or the orchestrator. Each lives in its own package with the same files
     (`data`, `synthetic`, `model`, `metrics`, `presets`, `task`), so a new task starts as a copy of a folder.
