@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup sweep test test-fast bench docs lint clean
+.PHONY: setup sweep ui test test-fast bench docs lint clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 sweep: setup
 	$(PY) -m orchestrator.sweep --task segmentation $(ARGS)
 
+# The MLflow UI of ./mlflow.db on http://127.0.0.1:5000 until Ctrl-C (ARGS="--port 5001 --tracking-uri ...").
+ui: setup
+	$(PY) -m orchestrator.ui $(ARGS)
+
 test: setup
 	$(PY) -m pytest -q
 
@@ -32,8 +36,10 @@ bench: setup
 	$(PY) -m benchmarks.sweep
 	$(PY) -m benchmarks.retrieval  # the thesis' scale (1M x 256 gallery): long on a laptop, see its --help
 
+# README figures; docs.screenshot runs a tiny sweep and needs Chromium (apt-get install chromium).
 docs: setup
 	$(PY) -m docs.mask_flow
+	$(PY) -m docs.screenshot
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
