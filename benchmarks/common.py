@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from orchestrator.report import markdown_table as table  # noqa: F401  (one table writer for the project)
+from orchestrator.tables import markdown_table as table  # noqa: F401  (one table writer for the project)
 
 
 def with_baseline(variants: list[str]) -> list[str]:
