@@ -13,6 +13,7 @@ over seeds and epochs. Markdown, CSV, LaTeX and PNGs go under `report/` in the s
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -22,6 +23,7 @@ import os
 import sys
 import tempfile
 import textwrap
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,18 +299,12 @@ def plot_curves(curves: dict, arms: list[str], keys: list[str]):
     return fig
 
 
-class _quiet_nan_warnings:
+@contextlib.contextmanager
+def _quiet_nan_warnings():
     """numpy warns on an all-NaN column (an epoch no seed evaluated); the plot just leaves it blank."""
-
-    def __enter__(self):
-        import warnings
-
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        return self._catch.__exit__(*exc)
+        yield
 
 
 def class_tables(client: MlflowClient, results: list[tables.TrialResult], name: str, column: str) -> dict:

@@ -346,8 +346,8 @@ class Built:
         fits = max(1, (width - metric_width - 2) // (cell + 2))
         shown = arms[:fits]
         lines = [
-            f"other metrics, difference to {self.baseline} (* p < {self.alpha:g}; n<2: no test possible; "
-            f"full tables in report.md):",
+            f"other metrics, difference to {self.baseline} (* p < {self.alpha:g}; no test: fewer than 2 "
+            f"seeds or no variance; full tables in report.md):",
             f"  {'':<{metric_width}}" + "".join(f"  {_fit(a, cell):>{cell}}" for a in shown),
         ]
         for column in self.columns[1:]:
@@ -357,7 +357,7 @@ class Built:
                 if test is None or math.isnan(test.diff):
                     text = "n/a"
                 elif not test.tested:
-                    text = "n<2"
+                    text = "no test"
                 else:
                     text = _num(test.diff, signed=True) + ("*" if test.significant else " ")
                 cells.append(f"  {text:>{cell}}")
