@@ -18,17 +18,10 @@ from pathlib import Path
 from orchestrator import ui
 from orchestrator.cli import ArgumentParser, CliError
 
-CHROMIUM = Path("/usr/bin/chromium")
 SIZE = {"width": 1400, "height": 900}
 NAME = "demo"
 ARMS = ("zero", "partial")
 TIMEOUT_MS = 60_000
-# MLflow 3.17 keeps these in the browser's localStorage: no assistant panel opening itself over the page on first
-# load, and the classic (model training) view of experiments and runs rather than the GenAI one.
-UI_STATE = """
-localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');
-localStorage.setItem('mlflow.workflowType_v1', '"machine_learning"');
-"""
 
 
 def run_sweep(root: Path) -> str:
@@ -56,11 +49,11 @@ def run_sweep(root: Path) -> str:
 def take(uri: str, out_dir: Path) -> list[Path]:
     """The two screenshots of the store at `uri`, into `out_dir`."""
     try:
-        from playwright.sync_api import expect, sync_playwright
+        from playwright.sync_api import expect
     except ImportError:
         raise CliError("Playwright is missing: pip install -e '.[test]'") from None
-    if not CHROMIUM.is_file():
-        raise CliError(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    if not ui.CHROMIUM.is_file():
+        raise CliError(f"{ui.CHROMIUM} is missing: apt-get install -y chromium")
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -69,43 +62,35 @@ def take(uri: str, out_dir: Path) -> list[Path]:
     runs = client.search_runs([experiment_id], filter_string=f"tags.`bench.sweep` = '{NAME}'")
     (parent,) = (r.info.run_id for r in runs if MLFLOW_PARENT_RUN_ID not in r.data.tags)
     trials = [r.info.run_name for r in runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent]
-    report = Path(client.download_artifacts(parent, "report/report.md", str(ui.sqlite_path(uri).parent))).read_text()
+    with tempfile.TemporaryDirectory() as folder:  # not beside the user's store (--tracking-uri)
+        report = Path(client.download_artifacts(parent, "report/report.md", folder)).read_text()
     title = next(line.lstrip("#").strip() for line in report.splitlines() if line.strip())
     expect.set_options(timeout=TIMEOUT_MS)
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = []
-    with ui.serve(uri) as base_url, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
-        try:
-            context = browser.new_context(viewport=SIZE)
-            context.add_init_script(UI_STATE)
-            page = context.new_page()
-            page.set_default_timeout(TIMEOUT_MS)
+    with ui.serve(uri) as base_url, ui.browser_page(SIZE["width"], SIZE["height"], TIMEOUT_MS) as page:
+        page.goto(ui.runs_table_url(base_url, experiment_id))
+        names = page.locator('[col-id="attributes.`Run Name`"]')
+        link = names.get_by_role("link", name=NAME, exact=True)
+        expect(link).to_be_visible()
+        page.locator('[role="row"]', has=link).locator('[col-id="attributes.`Run Name`"] button').first.click()
+        for name in trials:
+            expect(names.get_by_role("link", name=name, exact=True)).to_be_visible()
+        page.mouse.move(0, SIZE["height"] - 1)  # no hover highlight or tooltip in the picture
+        saved.append(out_dir / "mlflow_ui.png")
+        page.screenshot(path=str(saved[-1]))
 
-            page.goto(ui.runs_table_url(base_url, experiment_id))
-            names = page.locator('[col-id="attributes.`Run Name`"]')
-            link = names.get_by_role("link", name=NAME, exact=True)
-            expect(link).to_be_visible()
-            page.locator('[role="row"]', has=link).locator('[col-id="attributes.`Run Name`"] button').first.click()
-            for name in trials:
-                expect(names.get_by_role("link", name=name, exact=True)).to_be_visible()
-            page.mouse.move(0, SIZE["height"] - 1)  # no hover highlight or tooltip in the picture
-            saved.append(out_dir / "mlflow_ui.png")
-            page.screenshot(path=str(saved[-1]))
-
-            page.goto(ui.run_url(base_url, experiment_id, parent) + "/artifacts")
-            page.get_by_text("report", exact=True).click()
-            page.get_by_text("report.md", exact=True).click()
-            expect(page.get_by_text("report/report.md", exact=True)).to_be_visible()  # the preview's title
-            expect(page.get_by_text(title, exact=True).first).to_be_visible()  # the report, rendered
-            page.mouse.move(0, SIZE["height"] - 1)
-            # Opening the file scrolls the artifact tree and the preview a little: back to their tops.
-            page.evaluate("document.querySelectorAll('*').forEach(e => { if (e.scrollTop) e.scrollTop = 0; })")
-            page.wait_for_timeout(500)
-            saved.append(out_dir / "mlflow_run.png")
-            page.screenshot(path=str(saved[-1]))
-        finally:
-            browser.close()
+        page.goto(ui.run_url(base_url, experiment_id, parent) + "/artifacts")
+        page.get_by_text("report", exact=True).click()
+        page.get_by_text("report.md", exact=True).click()
+        expect(page.get_by_text("report/report.md", exact=True)).to_be_visible()  # the preview's title
+        expect(page.get_by_text(title, exact=True).first).to_be_visible()  # the report, rendered
+        page.mouse.move(0, SIZE["height"] - 1)
+        # Opening the file scrolls the artifact tree and the preview a little: back to their tops.
+        page.evaluate("document.querySelectorAll('*').forEach(e => { if (e.scrollTop) e.scrollTop = 0; })")
+        page.wait_for_timeout(500)
+        saved.append(out_dir / "mlflow_run.png")
+        page.screenshot(path=str(saved[-1]))
     return saved
 
 

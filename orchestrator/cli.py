@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import NoReturn
 
 PROJECT_LOGGERS = ("convs", "tasks", "orchestrator", "benchmarks")
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3.17 refuses a plain ./mlruns file store
+
+
+def default_tracking_uri() -> str:
+    """The MLflow store every command uses by default: $MLFLOW_TRACKING_URI when set (the cluster YAMLs set it on
+    the head to its MLflow server), else `sqlite:///mlflow.db` in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 class CliError(SystemExit):

@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import textwrap
@@ -37,8 +36,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 import tasks
 
-from . import tables, tracking, weights
-from .cli import ArgumentParser, CliError, setup_logging
+from . import tables, tracking, ui, weights
+from .cli import ArgumentParser, CliError, default_tracking_uri, setup_logging
 
 log = logging.getLogger("orchestrator.report")  # not __name__: that is "__main__" under python -m
 
@@ -221,10 +220,6 @@ def trial_results(sweep: Sweep) -> list[tables.TrialResult]:
 # plots -------------------------------------------------------------------------------------------------------------
 
 
-def _arms(results: list[tables.TrialResult], baseline: str = "zero") -> list[str]:
-    return sorted({r.variant for r in results}, key=lambda v: (v != baseline, v))
-
-
 def _done(results: list[tables.TrialResult], arm: str, key: str) -> list[tuple[int, float]]:
     return [(r.seed, r.metrics[key]) for r in results if r.variant == arm and r.status == "ok" and key in r.metrics]
 
@@ -232,7 +227,7 @@ def _done(results: list[tables.TrialResult], arm: str, key: str) -> list[tuple[i
 def plot_metrics(results: list[tables.TrialResult], columns: list[str]):
     """One panel per table metric: each arm's mean with a std error bar over seeds, every seed as a point."""
     plt = tracking._pyplot()
-    arms = _arms(results)
+    arms = tables.arm_order(results)
     ncols = min(len(columns), 4)
     nrows = math.ceil(len(columns) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(1.2 + (0.5 + 0.55 * len(arms)) * ncols, 3.2 * nrows), squeeze=False)
@@ -376,7 +371,7 @@ def figures(sweep: Sweep, task: tasks.Task) -> dict[str, Any]:
     (per-class table, levels x k)."""
     client = MlflowClient(sweep.uri)
     results = sweep.results
-    arms = _arms(results)
+    arms = tables.arm_order(results)
     out = {}
     if any(r.status == "ok" for r in results):
         out["metrics.png"] = plot_metrics(results, tables.columns(task.table_metrics))
@@ -502,7 +497,7 @@ def get_args_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI") or tracking.DEFAULT_TRACKING_URI,
+        default=default_tracking_uri(),
         metavar="URI",
         help="MLflow store, as for the sweep (default: $MLFLOW_TRACKING_URI when set, else sqlite:///mlflow.db)",
     )
@@ -526,11 +521,10 @@ def main(argv: list[str] | None = None) -> Report:
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise CliError(f"--out {args.out} exists and is not a folder")
     try:
-        tracking.check_tracking_uri(args.tracking_uri)
-    except tracking.TrackingError as e:
+        tracking.check_tracking_uri(args.tracking_uri)  # a server that answers, a SQLite store's folder
+        ui.check_store(args.tracking_uri)  # a SQLite store that exists (reading would create an empty one)
+    except (tracking.TrackingError, ui.UiError) as e:
         raise CliError(str(e)) from None
-    if args.tracking_uri.startswith("sqlite:///") and not Path(args.tracking_uri.removeprefix("sqlite:///")).exists():
-        raise CliError(f"no MLflow store at {args.tracking_uri}; run a sweep first or pass --tracking-uri")
     task = None if (args.sweep or args.run_id) else (args.task or "segmentation")
     parent = find_parent(args.tracking_uri, sweep=args.sweep, run_id=args.run_id, task=task)
     report = make_report(args.tracking_uri, parent, alpha=args.alpha, out=args.out, log_to_run=not args.no_log)

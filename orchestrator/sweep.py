@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import socket
 import sys
 import time
@@ -30,7 +29,7 @@ import tasks
 from tasks import LayoutError, Preset, default_cache_dir, ensure_synthetic
 
 from . import report, storage, tables, tracking, weights
-from .cli import ArgumentParser, CliError, setup_logging
+from .cli import ArgumentParser, CliError, default_tracking_uri, setup_logging
 from .config import SweepSettings
 from .loop import FAILURE_KEY
 
@@ -113,7 +112,7 @@ def get_args_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI") or tracking.DEFAULT_TRACKING_URI,
+        default=default_tracking_uri(),
         metavar="URI",
         help="MLflow store: sqlite:///file.db or http://host:port (default: $MLFLOW_TRACKING_URI when set, as the "
         "cluster YAMLs set it on the head to its MLflow server; else sqlite:///mlflow.db here)",

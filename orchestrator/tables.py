@@ -41,6 +41,11 @@ def columns(table_metrics: tuple[str, ...]) -> list[str]:
     return [*(f"best/{n}" for n in names), f"last5/{names[0]}"]
 
 
+def arm_order(results: list[TrialResult], baseline: str = "zero") -> list[str]:
+    """The arms of `results`, the baseline first, then by name: the row order of every table and plot."""
+    return sorted({r.variant for r in results}, key=lambda v: (v != baseline, v))
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
@@ -52,7 +57,7 @@ def layout_table(results: list[TrialResult], cells: tuple[tuple[str, str], ...],
     (header, table metric) of `cells`, each cell the mean over the variant's finished seeds at the headline's best
     epoch, with the std over seeds (n-1) when there are several; `seeds` counts them (failed or unfinished trials
     are not averaged in, and show in the full comparison)."""
-    variants = sorted({r.variant for r in results}, key=lambda v: (v != baseline, v))
+    variants = arm_order(results, baseline)
     rows = []
     for variant in variants:
         done = [r for r in results if r.variant == variant and r.status == "ok"]
@@ -379,7 +384,7 @@ def build(
     """Each column's rows: every arm (the baseline first), its value per seed (or the trial's state), and for
     every other arm the test against the baseline over the finished seeds. `seeds`: those expected (default: every
     seed among the results)."""
-    arms = sorted({r.variant for r in results}, key=lambda v: (v != baseline, v))
+    arms = arm_order(results, baseline)
     all_seeds = sorted(set(seeds or ()) | {r.seed for r in results})
     rows = {}
     for column in columns:

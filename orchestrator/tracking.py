@@ -37,7 +37,6 @@ from torch import nn
 if TYPE_CHECKING:
     from tasks import ClassTable, ConfusionMatrix, Evaluation
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3.17 refuses a plain ./mlruns file store
 SWEEP_TAG, TRIAL_TAG = "bench.sweep", "bench.trial_id"
 FAILURE_TAG = "bench.failure"  # why a trial stopped early (a diverged loss), beside its FAILED status
 MODEL_ERROR_TAG = "bench.model_error"  # why a trial that trained has no MLflow model (its metrics stand)

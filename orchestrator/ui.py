@@ -25,13 +25,19 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from orchestrator.cli import ArgumentParser, CliError
+from orchestrator.cli import ArgumentParser, CliError, default_tracking_uri
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # as tracking.DEFAULT_TRACKING_URI (not imported: it loads torch)
 DEFAULT_PORT = 5000  # MLflow's own default, and the port the sweep's closing lines link to
 HOST = "127.0.0.1"
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's: `playwright install` cannot download its own browsers here
+# MLflow 3.17 keeps these in the browser's localStorage: no assistant panel opening itself over the page on first
+# load, and the classic (model training) view of experiments and runs rather than the GenAI one. Looks only.
+BROWSER_STATE = """
+localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');
+localStorage.setItem('mlflow.workflowType_v1', '"machine_learning"');
+"""
 START_TIMEOUT = 180.0  # seconds until /health answers: about 6 s on an idle 2-core machine, much more when it is busy
 
 # Joins the server's process group and SIGKILLs the whole group (the `mlflow server` CLI, its uvicorn, and itself)
@@ -193,6 +199,24 @@ def serve(
         yield base_url
 
 
+@contextlib.contextmanager
+def browser_page(width: int = 1400, height: int = 900, timeout_ms: int = 30_000) -> Iterator[Any]:
+    """A Playwright page in headless Chromium (`CHROMIUM`) set up for the MLflow UI (`BROWSER_STATE`), for the
+    browser test and docs/screenshot.py. Needs Playwright's Python package (the `test` extra)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            context = browser.new_context(viewport={"width": width, "height": height})
+            context.add_init_script(BROWSER_STATE)
+            page = context.new_page()
+            page.set_default_timeout(timeout_ms)
+            yield page
+        finally:
+            browser.close()
+
+
 def experiments(base_url: str) -> list[tuple[str, str]]:
     """(id, name) of the server's active experiments but MLflow's empty "Default", through its REST API."""
     request = urllib.request.Request(
@@ -209,7 +233,7 @@ def get_args_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m orchestrator.ui", description=__doc__)
     p.add_argument(
         "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
+        default=default_tracking_uri(),
         metavar="URI",
         help="MLflow store, as for the sweep (default: $MLFLOW_TRACKING_URI when set, else sqlite:///mlflow.db)",
     )

@@ -28,14 +28,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from orchestrator import ui
 from orchestrator.cli import CliError
 
-CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT_MS = 30_000
-# MLflow 3.17's UI state in the browser's localStorage: no assistant panel opening itself over the page on first
-# load, and the classic (model training) view rather than the GenAI one. Looks only: the checks pass without.
-UI_STATE = """
-localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');
-localStorage.setItem('mlflow.workflowType_v1', '"machine_learning"');
-"""
 
 
 def browser_or_skip():
@@ -46,8 +39,10 @@ def browser_or_skip():
     except ImportError:
         sync_api = None
         missing.append("Playwright's Python package (pip install -e '.[test]')")
-    if not CHROMIUM.is_file():
-        missing.append(f"{CHROMIUM} (apt-get install -y chromium; `playwright install` cannot download browsers here)")
+    if not ui.CHROMIUM.is_file():
+        missing.append(
+            f"{ui.CHROMIUM} (apt-get install -y chromium; `playwright install` cannot download browsers here)"
+        )
     if missing:
         message = "the browser test needs " + " and ".join(missing)
         if os.environ.get("CI"):
@@ -103,16 +98,8 @@ def browser_ui(grid_sweep, tmp_path_factory) -> Iterator[Ui]:
     shots = [tmp_path_factory.mktemp("ui-screenshots")]
     if os.environ.get("BENCH_SCREENSHOTS"):
         shots.append(Path(os.environ["BENCH_SCREENSHOTS"]))
-    with ui.serve(grid_sweep.tracking_uri) as base_url, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
-        try:
-            context = browser.new_context(viewport={"width": 1400, "height": 900})
-            context.add_init_script(UI_STATE)
-            page = context.new_page()
-            page.set_default_timeout(TIMEOUT_MS)
-            yield Ui(page, base_url, shots)
-        finally:
-            browser.close()
+    with ui.serve(grid_sweep.tracking_uri) as base_url, ui.browser_page(timeout_ms=TIMEOUT_MS) as page:
+        yield Ui(page, base_url, shots)
 
 
 @pytest.mark.slow
