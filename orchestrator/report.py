@@ -115,19 +115,6 @@ class Sweep:
 # reading a sweep -------------------------------------------------------------------------------------------------
 
 
-def _search(client: MlflowClient, experiment_ids: list[str], filter_string: str, order_by=None) -> list[Run]:
-    """Every run matching, page after page (a sweep on a cluster can hold more than one page of trials)."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            experiment_ids, filter_string=filter_string, max_results=1000, order_by=order_by, page_token=token
-        )
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def _is_parent(run: Run) -> bool:
     return tracking.SWEEP_TAG in run.data.tags and MLFLOW_PARENT_RUN_ID not in run.data.tags
 
@@ -157,7 +144,11 @@ def find_parent(uri: str, *, sweep: str | None = None, run_id: str | None = None
             f"`python -m orchestrator.sweep --task {task}` or pass --tracking-uri"
         )
     if sweep:
-        parents = [r for r in _search(client, ids, f"tags.`{tracking.SWEEP_TAG}` = '{sweep}'") if _is_parent(r)]
+        parents = [
+            r
+            for r in tracking.search_all_runs(client, ids, f"tags.`{tracking.SWEEP_TAG}` = '{sweep}'")
+            if _is_parent(r)
+        ]
         if len(parents) > 1:
             where = ", ".join(f"{r.info.run_id} (experiment {r.info.experiment_id})" for r in parents)
             raise CliError(f"{len(parents)} sweeps are named {sweep!r} in {uri}: {where}; pick one with --run-id")
@@ -172,7 +163,11 @@ def find_parent(uri: str, *, sweep: str | None = None, run_id: str | None = None
 
 
 def _parents(client: MlflowClient, experiment_ids: list[str]) -> list[Run]:
-    return [r for r in _search(client, experiment_ids, f"tags.`{tracking.SWEEP_TAG}` != ''") if _is_parent(r)]
+    return [
+        r
+        for r in tracking.search_all_runs(client, experiment_ids, f"tags.`{tracking.SWEEP_TAG}` != ''")
+        if _is_parent(r)
+    ]
 
 
 def load_sweep(uri: str, parent: Run) -> Sweep:
@@ -180,7 +175,9 @@ def load_sweep(uri: str, parent: Run) -> Sweep:
     `TrialResult` per trial, plus a `missing` result for each expected cell that has no run yet."""
     client = MlflowClient(uri)
     parent_id = parent.info.run_id
-    runs = _search(client, [parent.info.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'")
+    runs = tracking.search_all_runs(
+        client, [parent.info.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'"
+    )
     grid_text = parent.data.params.get(GRID_PARAM)
     grid = Grid.from_param(grid_text) if grid_text else None
     task = parent.data.params.get("task") or client.get_experiment(parent.info.experiment_id).name

@@ -19,6 +19,7 @@ import math
 import socket
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -687,7 +688,8 @@ def collect_results(grid, p: Plan) -> list[tables.TrialResult]:
         else:
             status = "interrupted"  # stopped by Ctrl-C (or never started): --resume continues it
         label = report.arm_label(cfg.variant, cfg.init)
-        results.append(tables.TrialResult(label, cfg.seed, metrics, status, reason))
+        trial_id = str((result.metrics or {}).get("trial_id", ""))
+        results.append(tables.TrialResult(label, cfg.seed, metrics, status, reason, trial_id=trial_id))
     return results
 
 
@@ -695,7 +697,8 @@ def finish_sweep(p: Plan, results: list[tables.TrialResult], experiment_id: str,
     """End the parent run (FINISHED, FAILED or KILLED) and every trial run left RUNNING; return the status."""
     statuses = {r.status for r in results}
     status = "KILLED" if "interrupted" in statuses else "FAILED" if "failed" in statuses else "FINISHED"
-    end_sweep_run(p, experiment_id, parent, status)
+    failed = {r.trial_id for r in results if r.status == "failed" and r.trial_id}
+    end_sweep_run(p, experiment_id, parent, status, failed)
     return status
 
 
@@ -716,9 +719,10 @@ def sweep_report(p: Plan, parent: str) -> report.Report | None:
         return None
 
 
-def end_sweep_run(p: Plan, experiment_id: str, parent: str, status: str) -> None:
-    """End the sweep's run with `status`, and every trial run still RUNNING (stopped with the sweep) as KILLED."""
-    stopped = tracking.end_running_trials(p.tracking_uri, experiment_id, p.name, "KILLED")
+def end_sweep_run(p: Plan, experiment_id: str, parent: str, status: str, failed: Collection[str] = ()) -> None:
+    """End the sweep's run with `status`, and every trial run still RUNNING: FAILED for the trial ids in `failed`
+    (Tune gave up on them), else KILLED (stopped with the sweep)."""
+    stopped = tracking.end_running_trials(p.tracking_uri, experiment_id, p.name, "KILLED", failed)
     if stopped:
         log.info("marked %d unfinished trial run(s) KILLED in MLflow", len(stopped))
     tracking.finish_run(p.tracking_uri, parent, status)

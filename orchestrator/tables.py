@@ -27,6 +27,7 @@ class TrialResult:
     status: str = "ok"
     reason: str = ""  # why a failed trial failed, when known (a diverged loss)
     run_id: str = ""  # its MLflow run, when the report read it from there
+    trial_id: str = ""  # its Ray Tune trial id, when the sweep collected it from Tune
 
 
 def summary_name(metric: str) -> str:

@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import mlflow.pytorch
 import numpy as np
 import torch
-from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, Run
 from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
@@ -149,15 +149,34 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(uri).set_terminated(run_id, status=status)
 
 
-def end_running_trials(uri: str, experiment_id: str, sweep: str, status: str) -> list[str]:
-    """Give every trial run of `sweep` still RUNNING the terminal `status` (KILLED after Ctrl-C); return their ids."""
+def search_all_runs(
+    client: MlflowClient, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None
+) -> list[Run]:
+    """Every run matching, page after page (a sweep on a cluster can hold more than one page of trials)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            experiment_ids, filter_string=filter_string, max_results=1000, order_by=order_by, page_token=token
+        )
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def end_running_trials(
+    uri: str, experiment_id: str, sweep: str, status: str, failed: Collection[str] = ()
+) -> list[str]:
+    """Give every trial run of `sweep` still RUNNING a terminal status: FAILED when its trial id is in `failed`,
+    else `status` (KILLED after Ctrl-C); return their ids."""
     client = MlflowClient(uri)
-    runs = client.search_runs(
+    runs = search_all_runs(
+        client,
         [experiment_id],
-        filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{TRIAL_TAG}` != '' and attributes.status = 'RUNNING'",
+        f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{TRIAL_TAG}` != '' and attributes.status = 'RUNNING'",
     )
     for run in runs:
-        client.set_terminated(run.info.run_id, status=status)
+        client.set_terminated(run.info.run_id, status="FAILED" if run.data.tags[TRIAL_TAG] in failed else status)
     return [run.info.run_id for run in runs]
 
 

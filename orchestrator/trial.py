@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import ray.exceptions
 import ray.train
 import ray.train.torch
 import ray.tune
@@ -104,6 +105,11 @@ def run_trial(config: dict[str, Any]) -> None:
     )
     try:
         trainer.fit()
+    except ray.exceptions.RayActorError:
+        # Train's controller died under this function: Tune is stopping the trial (Ctrl-C, or the end of the sweep
+        # removing its placement group) or the node went away. Not a training failure: the run stays RUNNING, for
+        # Tune's retry to reopen or for the sweep's end to mark KILLED (or FAILED when Tune reports the trial failed).
+        raise
     except BaseException:
         tracking.finish_run(sweep.tracking_uri, run_id, "FAILED")
         raise

@@ -59,6 +59,8 @@ def test_grid_sweep_tracks_every_trial_and_resumes_without_duplicates(grid_sweep
         and params["gated:norm=inside"]["variant.norm"] == "inside"
     )
     assert params["edge_no7"]["variant.base"] == "edge" and params["zero"]["variant.base"] == "zero"
+    # each result names its Tune trial, the key by which the sweep's end finds the run of a trial Tune gave up on
+    assert sorted(r.trial_id for r in results) == sorted(r.data.tags["bench.trial_id"] for r in children)
     for run in children:
         history = client.get_metric_history(run.info.run_id, "val/top1")
         assert sorted(m.step for m in history) == [0, 1]  # one value per epoch, the epoch as step

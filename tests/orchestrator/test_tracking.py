@@ -266,3 +266,24 @@ def test_a_model_that_cannot_be_logged_leaves_the_trial_alone_and_says_why(track
     reason = tracker.client.get_run(tracker.run_id).data.tags[tracking.MODEL_ERROR_TAG]
     assert reason.startswith("RuntimeError: Error(s) in loading state_dict") and reason in caplog.text
     assert not tracker.client.search_logged_models([tracker.client.get_run(tracker.run_id).info.experiment_id])
+
+
+def test_the_sweeps_end_marks_its_running_trials_failed_or_killed_and_leaves_ended_ones_alone(tmp_path):
+    """Tune gave up on t1 (FAILED), t2 stopped with the sweep (KILLED), t3 had ended FINISHED, and another sweep's
+    running trial is not this sweep's to end."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.ensure_experiment(uri, "end-test")
+
+    def trial(sweep: str, trial_id: str) -> str:
+        tags = {tracking.TRIAL_TAG: trial_id, tracking.SWEEP_TAG: sweep}
+        return tracking.find_or_create_run(uri, experiment, tags=tags, key=tracking.TRIAL_TAG, name=trial_id)
+
+    runs = {name: trial("s", name) for name in ("t1", "t2", "t3")}
+    other = trial("other", "t4")
+    tracking.finish_run(uri, runs["t3"], "FINISHED")
+    ended = tracking.end_running_trials(uri, experiment, "s", "KILLED", failed={"t1", "t3"})
+    client = MlflowClient(uri)
+    assert sorted(ended) == sorted([runs["t1"], runs["t2"]])
+    statuses = {name: client.get_run(run).info.status for name, run in runs.items()}
+    assert statuses == {"t1": "FAILED", "t2": "KILLED", "t3": "FINISHED"}
+    assert client.get_run(other).info.status == "RUNNING"
