@@ -41,17 +41,37 @@ def overlap_stride(tile: int) -> int:
     return math.ceil(2 * tile / 3)
 
 
-def predict_tiled(model: nn.Module, images: torch.Tensor, tile: int, stride: int) -> torch.Tensor:
-    """Class probabilities from square tiles: each tile's softmax summed into place, divided by the per-pixel count."""
-    n, _, height, width = images.shape
+def predict_tiled(
+    model: nn.Module, images: torch.Tensor, tile: int, stride: int, *, max_pixels: int | None = None
+) -> torch.Tensor:
+    """Class probabilities from square tiles: each tile's softmax summed into place, divided by the per-pixel count.
+
+    The tiles go through the model as batches, not one window at a time: every window of every image is one batch
+    item, and a pass holds as many windows as keep it within `max_pixels` input pixels (default: the pixels of
+    `images` itself, so tiling never needs more activation memory than the whole-image pass beside it). Windows are
+    independent (the model is in eval mode, batch norm uses its running statistics), so the result equals the
+    window-by-window one.
+    """
+    n, channels, height, width = images.shape
+    windows = [
+        (top, left) for top in window_starts(height, tile, stride) for left in window_starts(width, tile, stride)
+    ]
+    per_pass = max(1, (max_pixels or n * height * width) // (n * tile * tile))  # windows per forward pass
     total = count = None
-    for top in window_starts(height, tile, stride):
-        for left in window_starts(width, tile, stride):
-            logits = model(images[:, :, top : top + tile, left : left + tile]).float()
-            if total is None:
-                total = logits.new_zeros(n, logits.shape[1], height, width)
-                count = logits.new_zeros(1, 1, height, width)
-            total[:, :, top : top + tile, left : left + tile] += logits.softmax(dim=1)
+    for first in range(0, len(windows), per_pass):
+        chunk = windows[first : first + per_pass]
+        # (windows x images) batch items, window-major: item w * n + i is window w of image i
+        crops = torch.stack([images[:, :, top : top + tile, left : left + tile] for top, left in chunk])
+        crops = crops.view(len(chunk) * n, channels, tile, tile)
+        if images.is_contiguous(memory_format=torch.channels_last):
+            crops = crops.contiguous(memory_format=torch.channels_last)
+        probs = model(crops).float().softmax(dim=1)
+        probs = probs.view(len(chunk), n, *probs.shape[1:])
+        if total is None:
+            total = probs.new_zeros(n, probs.shape[2], height, width)
+            count = probs.new_zeros(1, 1, height, width)
+        for (top, left), prob in zip(chunk, probs, strict=True):
+            total[:, :, top : top + tile, left : left + tile] += prob
             count[:, :, top : top + tile, left : left + tile] += 1
     return total / count
 

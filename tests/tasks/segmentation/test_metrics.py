@@ -79,6 +79,57 @@ def test_tiles_change_nothing_for_a_model_without_padding_effects():
         assert not torch.allclose(padded(images).softmax(1), predict_tiled(padded, images, 37, 37), atol=1e-4)
 
 
+def window_by_window(model: nn.Module, images: torch.Tensor, tile: int, stride: int) -> torch.Tensor:
+    """The reference: one forward pass per window, softmaxes summed into place and divided by the per-pixel count."""
+    n, _, height, width = images.shape
+    total, count = torch.zeros(n, 19, height, width), torch.zeros(1, 1, height, width)
+    for top in window_starts(height, tile, stride):
+        for left in window_starts(width, tile, stride):
+            total[..., top : top + tile, left : left + tile] += model(
+                images[..., top : top + tile, left : left + tile]
+            ).softmax(1)
+            count[..., top : top + tile, left : left + tile] += 1
+    return total / count
+
+
+class CountingPasses(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.batches = model, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        return self.model(x)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batched_tiles_equal_the_window_by_window_prediction_and_its_miou(task, channels_last):
+    """The segmentation model (batch norm in eval mode, padded convs that do see the tile borders) on 2 images of
+    40x50 in tiles of 24: all tiles in one pass, overlapping ones in passes of at most the whole batch's pixels."""
+    torch.manual_seed(0)
+    model = CountingPasses(task.build_model(task.presets["smoke"], num_classes=19).eval())
+    images = torch.randn(2, 3, 40, 50)
+    target = torch.randint(0, 19, (2, 40, 50))
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for stride in (24, overlap_stride(24)):
+            reference = window_by_window(model, images, 24, stride)
+            model.batches.clear()
+            batched = predict_tiled(model, images, 24, stride)
+            windows = len(window_starts(40, 24, stride)) * len(window_starts(50, 24, stride))
+            # 2 x 40 x 50 pixels hold 3 windows of 24 x 24 per image: 2 x 3 crops per pass
+            assert sum(model.batches) == 2 * windows and max(model.batches) == 2 * 3 and len(model.batches) > 1
+            assert torch.allclose(batched, reference, atol=1e-5)
+            assert mean_iou(confusion_matrix(batched.argmax(1), target)) == mean_iou(
+                confusion_matrix(reference.argmax(1), target)
+            )
+            model.batches.clear()
+            one_by_one = predict_tiled(model, images, 24, stride, max_pixels=1)  # a window per pass
+            assert model.batches == [2] * windows and torch.allclose(one_by_one, reference, atol=1e-5)
+        assert not torch.allclose(model(images).softmax(1), reference, atol=1e-3)  # the tiles do change the output
+
+
 def test_evaluate_reports_the_three_modes_and_per_class_iou(task, root):
     preset = task.presets["smoke"]
     _, val = task.build_loaders(root, preset, rank=0, world_size=1, seed=0, workers=0)
