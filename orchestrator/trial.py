@@ -6,6 +6,7 @@ function builds and fits a TorchTrainer whose `TuneReportCallback` forwards the 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from . import tracking
 from .cli import setup_logging
 from .config import SweepSettings, TrialConfig
 from .loop import CHECKPOINT_FILE, train
+
+logger = logging.getLogger(__name__)
 
 
 def worker_loop(config: dict[str, Any]) -> None:
@@ -104,7 +107,7 @@ def run_trial(config: dict[str, Any]) -> None:
         ),
     )
     try:
-        trainer.fit()
+        result = trainer.fit()
     except ray.exceptions.RayActorError:
         # Train's controller died under this function: Tune is stopping the trial (Ctrl-C, or the end of the sweep
         # removing its placement group) or the node went away. Not a training failure: the run stays RUNNING, for
@@ -118,3 +121,19 @@ def run_trial(config: dict[str, Any]) -> None:
     # would make Tune restart it from its last checkpoint, to diverge again.
     failed = tracking.get_tag(sweep.tracking_uri, run_id, tracking.FAILURE_TAG) is not None
     tracking.finish_run(sweep.tracking_uri, run_id, "FAILED" if failed else "FINISHED")
+    if not failed:
+        drop_resume_checkpoints(result)
+
+
+def drop_resume_checkpoints(result: ray.train.Result) -> None:
+    """Delete a finished trial's resume checkpoint: Tune never runs a finished trial again, its best model is in
+    MLflow, and the checkpoint (weights, optimizer moments, ...) is several times the model: most of a sweep's disk.
+    A failed (diverged) trial keeps its checkpoint for a look at what went wrong; an unfinished one, to resume."""
+    checkpoints = [checkpoint for checkpoint, _ in result.best_checkpoints or []]
+    if result.checkpoint is not None:
+        checkpoints.append(result.checkpoint)
+    for path, filesystem in {c.path: c.filesystem for c in checkpoints}.items():
+        try:
+            filesystem.delete_dir(path)
+        except OSError as e:  # the trial is done and tracked; a checkpoint left behind only costs disk
+            logger.warning("could not delete the finished trial's checkpoint %s (%s); delete it by hand", path, e)

@@ -152,9 +152,9 @@ def test_tune_state_and_train_checkpoints_land_in_the_bucket(s3_sweep):
     assert len(trial_ids) == 2
     for trial_id in trial_ids:
         train = f"{prefix}train/train-{trial_id}/"
-        checkpoints = {k[len(train) :].split("/")[0] for k in keys if re.match(rf"{train}checkpoint_\d{{4}}-", k)}
-        assert len(checkpoints) == 1, sorted(k for k in keys if k.startswith(train))  # the latest (num_to_keep=1)
-        assert f"{train}{checkpoints.pop()}/checkpoint.pt" in keys
+        assert any(k.startswith(train) for k in keys)  # Train's run state is in the bucket
+        # but a finished trial's resume checkpoint is gone (unfinished ones keep theirs: test_sweep's resume tests)
+        assert not [k for k in keys if re.match(rf"{train}checkpoint_\d{{4}}-", k)]
         results = [k for k in keys if k.startswith(prefix) and trial_id in k and k.endswith("/result.json")]
         assert results, f"no Tune result.json of trial {trial_id} in the bucket"
     assert not [k for k in s3_sweep.server.objects() if storage.MARKER_PREFIX in k]  # the write checks cleaned up

@@ -59,6 +59,9 @@ def test_grid_sweep_tracks_every_trial_and_resumes_without_duplicates(grid_sweep
         and params["gated:norm=inside"]["variant.norm"] == "inside"
     )
     assert params["edge_no7"]["variant.base"] == "edge" and params["zero"]["variant.base"] == "zero"
+    # a finished trial keeps no resume checkpoint (Tune never reruns it; its best model is in MLflow)
+    train = grid_sweep.root / "sweeps" / grid_sweep.name / "train"
+    assert len(list(train.iterdir())) == 6 and not list(train.glob("*/checkpoint_[0-9]*"))
     # each result names its Tune trial, the key by which the sweep's end finds the run of a trial Tune gave up on
     assert sorted(r.trial_id for r in results) == sorted(r.data.tags["bench.trial_id"] for r in children)
     for run in children:
