@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import socket
 import sys
 import time
@@ -38,7 +39,13 @@ log = logging.getLogger("orchestrator.sweep")  # not __name__: that is "__main__
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 ARGS_FILE = "sweep-args.json"  # the command line a sweep started with, beside Tune's state: --resume reads it
-RESUMABLE = ("resume", "name", "storage", "address")  # what --resume may set; everything else is the sweep's own
+RESUMABLE = (
+    "resume",
+    "name",
+    "storage",
+    "address",
+    "verbose",
+)  # what --resume may set; everything else is the sweep's own
 # Preset fields that --space cannot sample: the data, the model, the arms, and what a damaged image does.
 NOT_SEARCHABLE = ("synthetic", "model", "model_options", "variants", "bad_images")
 
@@ -170,6 +177,12 @@ def get_args_parser() -> ArgumentParser:
         action="store_true",
         help="continue the sweep --name: finished trials are kept, unfinished and errored ones resume",
     )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print Ray's own output too (Tune's status tables, the workers' logs); by default it goes to Ray's log "
+        "files and the sweep prints one line per trial event",
+    )
     return p
 
 
@@ -204,6 +217,7 @@ class Plan:
     max_failures: int = 2
     space_args: tuple[str, ...] = field(default=())  # the --space strings as typed, for the parent run's params
     inits: tuple[str, ...] = ("scratch",)  # --init sources (file paths absolute), a grid axis
+    verbose: bool = False  # Ray's own output on the terminal too (else in Ray's log files)
     args: dict[str, Any] = field(default_factory=dict)  # the command line, paths absolute: saved for --resume
 
     @property
@@ -290,6 +304,7 @@ def plan(args: Any, *, cuda: bool, now: float | None = None) -> Plan:
         num_samples=args.num_samples,
         name=args.name or f"{task.name}-{preset_name}-{stamp}",
         resume=args.resume,
+        verbose=getattr(args, "verbose", False),
         data_root=paths["data_root"],
         storage=paths["storage"],
         tracking_uri=paths["tracking_uri"],
@@ -634,10 +649,15 @@ def build_tuner(p: Plan, param_space: dict[str, Any], search_alg: Any, num_sampl
             raise CliError(f"no sweep named {p.name!r} under {p.storage} to resume")
         # The trials keep the configs they started with (param_space=None): the same settings, and sweeps written
         # by older versions stay readable (`SweepSettings.from_dict`).
-        return ray.tune.Tuner.restore(p.path, trainable, resume_unfinished=True, resume_errored=True)
+        tuner = ray.tune.Tuner.restore(p.path, trainable, resume_unfinished=True, resume_errored=True)
+        # The restored run config is the one the sweep started with; this run's output settings replace its own.
+        run_config = tuner._local_tuner.get_run_config()
+        run_config.verbose, run_config.callbacks = output_settings(p)
+        return tuner
     if exists:
         raise CliError(f"a sweep named {p.name!r} already exists under {p.storage}; resume it with --resume")
     save_args(p)
+    verbose, callbacks = output_settings(p)
     return ray.tune.Tuner(
         trainable,
         param_space=param_space,
@@ -648,9 +668,21 @@ def build_tuner(p: Plan, param_space: dict[str, Any], search_alg: Any, num_sampl
             reuse_actors=True,  # one Tune-function process per slot: its imports (mlflow, ray.train) paid once
         ),
         run_config=ray.tune.RunConfig(
-            name=p.name, storage_path=p.storage, failure_config=ray.tune.FailureConfig(max_failures=p.max_failures)
+            name=p.name,
+            storage_path=p.storage,
+            failure_config=ray.tune.FailureConfig(max_failures=p.max_failures),
+            verbose=verbose,
+            callbacks=callbacks,
         ),
     )
+
+
+def output_settings(p: Plan) -> tuple[int, list]:
+    """Tune's verbosity and callbacks: one line per trial event (`progress.TrialProgress`), and Tune's own tables
+    and boxes only with --verbose."""
+    from .progress import TrialProgress
+
+    return (2 if p.verbose else 0), [TrialProgress()]
 
 
 class _HideRestoreHint(logging.Filter):
@@ -660,15 +692,25 @@ class _HideRestoreHint(logging.Filter):
         return "Tuner.restore" not in record.getMessage()
 
 
-def fit(tuner) -> Any:
-    """`tuner.fit()`; after a Ctrl-C, Tune stops the trials, saves its state and returns (a second one raises)."""
+def fit(tuner, *, verbose: bool = True) -> Any:
+    """`tuner.fit()`; after a Ctrl-C, Tune stops the trials, saves its state and returns (a second one raises).
+
+    Not `verbose`: Tune's output engine is switched to its older one for the call, which at verbosity 0 prints
+    nothing at all (the newer one still prints its experiment box and result paths); TrialProgress speaks instead."""
     hint = _HideRestoreHint()
     tune_logger = logging.getLogger("ray.tune.tune")
     tune_logger.addFilter(hint)
+    engine = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    if not verbose:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # read by Tune when the fit starts, in this process only
     try:
         return tuner.fit()
     finally:
         tune_logger.removeFilter(hint)
+        if engine is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = engine
 
 
 def collect_results(grid, p: Plan) -> list[tables.TrialResult]:
@@ -771,6 +813,8 @@ def main(argv: list[str] | None = None) -> list[tables.TrialResult]:
     import torch
 
     p = plan(args, cuda=torch.cuda.is_available())
+    if not p.verbose:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # its store set-up lines ("Creating initial ...")
     data = prepare_data(p)
     check_services(p)
 
@@ -778,7 +822,9 @@ def main(argv: list[str] | None = None) -> list[tables.TrialResult]:
 
     own_ray = not ray.is_initialized()  # a caller's Ray session (tests, notebooks) is reused and left running
     if own_ray:
-        ray.init(address=p.address, log_to_driver=True, configure_logging=False)
+        # Without --verbose the workers' output (Train's checkpoint paths, the placement-group cleaner's State API
+        # warnings, the trials' own logs) stays in Ray's log files; the trials' events come from TrialProgress.
+        ray.init(address=p.address, log_to_driver=p.verbose, configure_logging=False)
     try:
         storage.check_shared_storage(p.storage)  # a local --storage on a multi-node cluster: every node must see it
         res = trial_resources(p, ray.cluster_resources())
@@ -824,7 +870,12 @@ def main(argv: list[str] | None = None) -> list[tables.TrialResult]:
                 res.max_concurrent,
                 p.name,
             )
-            results = collect_results(fit(tuner), p)
+            if not p.verbose:
+                log.info(
+                    "Ray's own output goes to its log files (session_latest/logs in Ray's temp folder, /tmp/ray by "
+                    "default, on each node); --verbose prints it here"
+                )
+            results = collect_results(fit(tuner, verbose=p.verbose), p)
         except BaseException as e:
             end_sweep_run(p, experiment_id, parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             if isinstance(e, KeyboardInterrupt):

@@ -1,7 +1,11 @@
 """The sweep end to end on a local Ray (2 CPUs): grid, resume, Optuna, worker crash, MLflow, fast clear errors."""
 
+import logging
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,6 +37,15 @@ def common(tmp_path, name):
         "--name",
         name,
     ]
+
+
+@pytest.fixture
+def progress(caplog):
+    """The sweep's own log lines (its logger does not propagate to pytest's root handler): one per trial event."""
+    logger = logging.getLogger("orchestrator.sweep")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
 
 
 def runs_of(root):
@@ -240,7 +253,7 @@ def test_a_failing_sweep_ends_its_parent_run_failed(ray_session, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="sends SIGINT to itself")
-def test_ctrl_c_marks_the_sweep_interrupted_and_resume_finishes_it(ray_session, tmp_path, capsys):
+def test_ctrl_c_marks_the_sweep_interrupted_and_resume_finishes_it(ray_session, tmp_path, capsys, progress):
     """Ctrl-C during a trial: the trial says `interrupted`, MLflow runs end KILLED, and the printed command resumes it
     from its last checkpoint into the same runs, each epoch logged once."""
     args = [*common(tmp_path, "ctrlc"), "--variants", "zero", "--seeds", "1", "--epochs", "6"]
@@ -274,8 +287,16 @@ def test_ctrl_c_marks_the_sweep_interrupted_and_resume_finishes_it(ray_session, 
     resume = ["--resume", "--name", "ctrlc", "--storage", str(tmp_path / "sweeps")]  # the printed command
     with pytest.raises(SystemExit, match=r"these differ: --epochs \(started with 6\)"):
         sweep.main([*resume, "--epochs", "3"])  # a resumed sweep keeps its own arguments
+    progress.clear()
     (again,) = sweep.main(resume)
     assert again.status == "ok" and again.metrics["epoch"] == 5
+    lines = [r.getMessage() for r in progress.records if r.name == "orchestrator.sweep"]
+    # Tune resumes the trial from the last result it received before the stop (none: it starts it again)
+    epoch = results[0].metrics.get("epoch")
+    assert (
+        "zero seed 0: started" if epoch is None else f"zero seed 0: resumed after epoch {int(epoch) + 1}/6"
+    ) in lines
+    assert "zero seed 0: epoch 6/6  val/top1" in "\n".join(lines) and lines[-1].startswith("zero seed 0: finished")
     client, parent, children = _parent_and_children(tmp_path, "ctrlc")
     assert parent.info.status == "FINISHED" and [c.info.status for c in children] == ["FINISHED"]
     steps = [m.step for m in client.get_metric_history(children[0].info.run_id, "val/top1")]
@@ -305,3 +326,30 @@ def test_a_diverging_trial_is_failed_with_its_reason_and_the_others_finish(ray_s
     assert parent.info.status == "FAILED"
     markdown = Path(client.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path))).read_text()
     assert bad.reason in markdown and "| failed " in markdown
+
+
+@pytest.mark.slow
+def test_the_terminal_shows_one_line_per_trial_event_and_rays_output_only_with_verbose(tmp_path):
+    """A sweep in its own process, with its own Ray (as `make sweep` runs it): the plan, each trial's events and the
+    closing table; Tune's tables and boxes, Train's checkpoint lines and the workers' logs only with --verbose."""
+    chatter = ("Trial status", "Configuration for experiment", "Checkpoint successfully created", "RayTrainWorker")
+
+    def run(name: str, *extra: str) -> str:
+        args = [*common(tmp_path, name), "--variants", "zero", "--seeds", "1", "--epochs", "1", *extra]
+        done = subprocess.run(
+            [sys.executable, "-m", "orchestrator.sweep", *args], capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    quiet = run("quiet")
+    marker = " I orchestrator.sweep: "
+    events = [line.split(marker, 1)[1] for line in quiet.splitlines() if f"{marker}zero seed 0: " in line]
+    assert len(events) == 3 and events[0] == "zero seed 0: started", events
+    assert re.fullmatch(r"zero seed 0: epoch 1/1  val/top1 [\d.]+  \d+ s/epoch", events[1])
+    assert re.fullmatch(r"zero seed 0: finished, best val/top1 [\d.]+", events[2])
+    assert "best/top1: mean" in quiet and "--verbose prints it here" in quiet
+    assert not [c for c in chatter if c in quiet]
+    verbose = run("verbose", "--verbose")
+    assert [c for c in chatter if c in verbose] == list(chatter)
+    assert "zero seed 0: started" in verbose and "--verbose prints it here" not in verbose
