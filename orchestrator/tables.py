@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats
 
 from tasks.published import Published
 
@@ -118,6 +117,8 @@ def compare(
     diff = float(arm.mean() - base.mean())
     if len(arm) < 2 or len(base) < 2:
         return Test(diff, note=NO_TEST)
+    from scipy import stats  # here, not at the top: the training loop imports this module in every worker
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # zero variance in both samples: scipy's p is NaN
         p = float(stats.ttest_ind(arm, base, equal_var=False).pvalue)

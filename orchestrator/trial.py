@@ -1,4 +1,4 @@
-"""Ray glue: the Tune function that runs one trial as a Ray Train TorchTrainer, and the per-worker loop.
+"""Ray glue: the Tune function that runs one trial as a Ray Train TorchTrainer (the per-worker loop: `worker`).
 
 Ray 2.60 (Train V2) no longer accepts `Tuner(TorchTrainer(...))`: Tune runs a plain function per trial, and that
 function builds and fits a TorchTrainer whose `TuneReportCallback` forwards the workers' reports to Tune.
@@ -8,59 +8,20 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import ray.exceptions
 import ray.train
 import ray.train.torch
 import ray.tune
-import torch
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from . import tracking
-from .cli import setup_logging
-from .config import SweepSettings, TrialConfig
-from .loop import CHECKPOINT_FILE, train
+from .config import SweepSettings
+from .worker import worker_loop
 
 logger = logging.getLogger(__name__)
-
-
-def worker_loop(config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker: resume from the last checkpoint if any, train, report every epoch."""
-    setup_logging()  # the per-epoch progress lines of rank 0 reach the driver's terminal through Ray's log stream
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    cfg = TrialConfig.from_dict(config)
-    resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    tracker = None
-    if rank == 0 and cfg.tracking_uri and cfg.mlflow_run_id:
-        tracker = tracking.MlflowTracker(cfg.tracking_uri, cfg.mlflow_run_id)
-
-    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        saved = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=saved)  # uploads synchronously to the storage
-        if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-
-    with tempfile.TemporaryDirectory(prefix="trial-") as workdir:
-        train(
-            cfg,
-            device=ray.train.torch.get_device(),
-            rank=rank,
-            world_size=world_size,
-            report=report,
-            resume=resume,
-            tracker=tracker,
-            workdir=Path(workdir),
-        )
 
 
 def run_trial(config: dict[str, Any]) -> None:

@@ -5,28 +5,44 @@ tasks share lives here: the interface (`base`), presets (`preset`), evaluation r
 synthetic cache (`data`), and ImageNet normalisation, autocast and scene drawing (`common`).
 """
 
+import importlib
+from typing import Any
+
 from .base import Task
-from .classification import ClassificationPreset, ClassificationTask
 from .common import IMAGENET_MEAN, IMAGENET_STD, autocast
 from .data import LayoutError, default_cache_dir, ensure_synthetic, sharded_loaders
 from .evaluation import ClassTable, ConfusionMatrix, Evaluation
-from .hotels import HotelsPreset, HotelsTask
 from .preset import Preset, PresetError
-from .segmentation import SegmentationPreset, SegmentationTask
 
-TASKS: dict[str, type[Task]] = {
-    "classification": ClassificationTask,
-    "segmentation": SegmentationTask,
-    "hotels": HotelsTask,
+# name: its package. Imported on first use: a Ray Train worker of a classification trial never pays for the hotels
+# task's imports (pytorch-metric-learning, scipy, faiss), and every worker process of every trial starts afresh.
+TASKS: dict[str, str] = {
+    "classification": "tasks.classification",
+    "segmentation": "tasks.segmentation",
+    "hotels": "tasks.hotels",
 }
+_CLASSES = {  # what `from tasks import X` finds in a task's package
+    "ClassificationTask": "classification",
+    "ClassificationPreset": "classification",
+    "SegmentationTask": "segmentation",
+    "SegmentationPreset": "segmentation",
+    "HotelsTask": "hotels",
+    "HotelsPreset": "hotels",
+}
+_TASK_CLASSES = {"classification": "ClassificationTask", "segmentation": "SegmentationTask", "hotels": "HotelsTask"}
 
 
 def get_task(name: str) -> Task:
-    """An instance of the task registered under `name`."""
-    try:
-        return TASKS[name]()
-    except KeyError:
-        raise ValueError(f"Unknown task {name!r}. Known tasks: {', '.join(sorted(TASKS))}.") from None
+    """An instance of the task registered under `name` (its package imported now, if it was not yet)."""
+    if name not in TASKS:
+        raise ValueError(f"Unknown task {name!r}. Known tasks: {', '.join(sorted(TASKS))}.")
+    return getattr(importlib.import_module(TASKS[name]), _TASK_CLASSES[name])()
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLASSES:
+        return getattr(importlib.import_module(TASKS[_CLASSES[name]]), name)
+    raise AttributeError(f"module 'tasks' has no attribute {name!r}")
 
 
 __all__ = [

@@ -1,0 +1,57 @@
+"""The function every Ray Train worker runs: resume from the trial's last checkpoint, train, report each epoch.
+
+A module of its own, lean on purpose: Ray pickles `worker_loop` by reference, so each worker process imports this
+module and what it imports, afresh for every trial. It needs the training loop and Ray Train, not Ray Tune, the
+sweep's command line or (outside rank 0) MLflow; `tasks.get_task` imports only the trial's own task.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from .cli import setup_logging
+from .config import TrialConfig
+from .loop import CHECKPOINT_FILE, train
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: resume from the last checkpoint if any, train, report every epoch."""
+    setup_logging()  # rank 0's per-epoch lines: in Ray's log files, on the terminal with the sweep's --verbose
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    cfg = TrialConfig.from_dict(config)
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    tracker = None
+    if rank == 0 and cfg.tracking_uri and cfg.mlflow_run_id:
+        from . import tracking  # MLflow: rank 0 logs, the other workers never import it
+
+        tracker = tracking.MlflowTracker(cfg.tracking_uri, cfg.mlflow_run_id)
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        saved = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=saved)  # uploads synchronously to the storage
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    with tempfile.TemporaryDirectory(prefix="trial-") as workdir:
+        train(
+            cfg,
+            device=ray.train.torch.get_device(),
+            rank=rank,
+            world_size=world_size,
+            report=report,
+            resume=resume,
+            tracker=tracker,
+            workdir=Path(workdir),
+        )
