@@ -48,6 +48,9 @@ def run_trial(config: dict[str, Any]) -> None:
         # Ray Train starts a preemption watcher actor per run (one more process per trial) that polls the nodes'
         # drain state; a local Ray is one machine that no cloud provider reclaims. Clusters keep it.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Train's controller and worker metrics feed Ray's Prometheus export, which a local Ray without the
+        # dashboard never serves.
+        os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
     trainer = ray.train.torch.TorchTrainer(
         worker_loop,
         train_loop_config=asdict(cfg),
