@@ -1,5 +1,5 @@
-"""Data plumbing every task shares: layout errors, the sharded loaders and the sums over their evaluation shards,
-the cached synthetic stand-in."""
+"""Data plumbing every task shares: layout errors, the DataLoader settings and the rule for loader workers per GPU,
+the sharded loaders and the sums over their evaluation shards, the cached synthetic stand-in."""
 
 from __future__ import annotations
 
@@ -36,6 +36,53 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+# Batches each loader worker keeps ready (DataLoader's prefetch_factor; its default is 2). Decoding time varies with
+# the file (a JPEG's size, a Cityscapes frame's content) and a training step's time with what the GPU does besides
+# (evaluation, logging, DDP's all-reduce): 4 ready batches per worker ride out such bursts. It costs memory: workers x
+# 4 batches in shared memory, e.g. 8 workers x 4 x a batch of 64 ImageNet crops (38 MiB) = 1.2 GiB per GPU.
+PREFETCH_FACTOR = 4
+# More loader workers than this per GPU buy nothing but memory: at ~600 ImageNet training images/s per worker
+# (docs/data_loading.md) 16 workers feed ~10,000 images/s, three times what ResNet50 trains on one current GPU.
+MAX_WORKERS_PER_GPU = 16
+
+
+def loader_workers_per_gpu(cpus: int, gpus: int, *, cap: int = MAX_WORKERS_PER_GPU) -> int:
+    """How many DataLoader worker processes each GPU's training process should start on a node of `cpus` cores
+    and `gpus` GPUs (one training process per GPU, as Ray Train runs them): the `workers` of `build_loaders`.
+
+    The rule: every training process keeps a core for itself (its Python step loop, the pin-memory thread, NCCL's
+    threads) and the node keeps one more (Ray's raylet, the driver, logging); the cores left are shared equally
+    among the GPUs, rounded down, and capped at `cap` (`MAX_WORKERS_PER_GPU`). At least 1 whatever the cores: a
+    worker process overlaps decoding with the GPU's step, where workers=0 would decode in the training loop itself
+    and stall the GPU for every batch.
+
+    E.g. 16 cores, 1 GPU -> 14; 32 cores, 4 GPUs -> 6; 96 cores, 8 GPUs -> 10; 128 cores, 8 GPUs -> 14;
+    2 cores, 1 GPU -> 1. Whether that feeds a GPU: `python -m benchmarks.data` prints the workers one GPU needs for
+    a target images/s, from the measured images/s per core (docs/data_loading.md).
+
+    Raises:
+        ValueError: `cpus` or `gpus` or `cap` below 1.
+    """
+    if cpus < 1 or gpus < 1 or cap < 1:
+        raise ValueError(
+            f"loader_workers_per_gpu needs at least 1 cpu, gpu and cap (cpus={cpus}, gpus={gpus}, cap={cap})"
+        )
+    spare = cpus - gpus - 1  # one core per training process, one for the node
+    return max(1, min(cap, spare // gpus))
+
+
+def loader_options(workers: int, *, persistent: bool = True) -> dict:
+    """The DataLoader keyword arguments every task's loaders share: `workers` worker processes seeded by
+    `seed_worker`; pinned (page-locked) batches when CUDA is available, so the host-to-GPU copy can run
+    asynchronously (`.to(device, non_blocking=True)`) and faster; with workers, `PREFETCH_FACTOR` batches ready per
+    worker and, when `persistent`, workers kept alive across epochs (no restart, no refilling of the prefetch queue
+    at each epoch's start; their RNG state carries on, so each epoch still draws new augmentations)."""
+    options: dict = dict(num_workers=workers, worker_init_fn=seed_worker, pin_memory=torch.cuda.is_available())
+    if workers > 0:
+        options.update(persistent_workers=persistent, prefetch_factor=PREFETCH_FACTOR)
+    return options
 
 
 def per_worker_batch(preset: Preset, world_size: int) -> int:
@@ -89,11 +136,12 @@ def sharded_loaders(
     The validation batch is `preset.eval_batch_size`, else the per-worker training batch. `preset.max_batches`
     caps the validation split at `eval_images` before it is sharded, so no worker reads more than `max_batches`
     batches and 1 and N workers evaluate the same images. One worker reads the whole (capped) split.
+    Both loaders take `loader_options(workers)`: pinned memory on CUDA machines, persistent workers.
     """
     per_worker = per_worker_batch(preset, world_size)
     sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     generator = torch.Generator().manual_seed(seed)
-    common = dict(num_workers=workers, worker_init_fn=seed_worker, generator=generator, pin_memory=False)
+    common = dict(generator=generator, **loader_options(workers))
     train_loader = DataLoader(train, batch_size=per_worker, sampler=sampler, drop_last=True, **common)
     if len(train_loader) == 0:
         raise LayoutError(

@@ -5,6 +5,13 @@ where it is read, named, and handled as the preset's `bad_images` says.
 `ImageFile.LOAD_TRUNCATED_IMAGES`, silently comes out grey) only when its pixels are decoded, somewhere deep in a
 transform. `open_image` decodes at once and raises `CorruptImageError` naming the file, why, and the fix.
 
+The datasets read pixels with `read_image`: a uint8 tensor (C, H, W) decoded by torchvision.io (libjpeg-turbo,
+libpng) from the file's bytes, for the transforms to run as torchvision.transforms.v2 on uint8 tensors, a third
+faster than decoding and transforming with PIL (docs/data_loading.md). PIL still reads the header first (format,
+mode, size: the decompression-bomb check), and whatever torchvision cannot decode is decoded again by `open_image`
+through PIL: a file PIL reads (CMYK JPEGs, TIFFs, 16-bit PNGs...) is served as PIL decodes it, a damaged one raises
+the same `CorruptImageError`, with PIL's reason, as PIL alone would.
+
 `bad_images="fail"` lets that error stop the trial. `"skip"` (`BadImages`) leaves the file out: the dataset serves
 another item in its place, the next one of the same group (class, hotel) in dataset order, else the next one at all,
 wrapping round, and logs a warning naming the file, once per file and process. A substitute keeps every batch full,
@@ -17,14 +24,19 @@ twice per skipped file).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from itertools import chain
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from PIL import Image, ImageFile
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +49,23 @@ FIX = (
 )
 
 _logged: set[str] = set()  # files already warned about in this process
+
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec (a separate package, not a dependency here); they
+# are the ones this module means to use, on every item: say so once, in the docs, not on every DataLoader worker.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated")
+
+# What torchvision.io decodes exactly as PIL would: PIL's header (format, mode) -> the PIL modes it may be asked for
+# (None: the pixels as stored). Anything else (CMYK or 16-bit images, TIFF, BMP, a palette image asked for as RGB, an
+# RGB one asked for as L, whose grey weights differ) goes through PIL.
+_TENSOR_DECODES = {
+    ("JPEG", "RGB"): {"RGB", None},
+    ("JPEG", "L"): {"RGB", "L", None},
+    ("PNG", "RGB"): {"RGB", None},
+    ("PNG", "RGBA"): {"RGB"},
+    ("PNG", "L"): {"RGB", "L", None},
+    ("PNG", "P"): {None},  # label maps stored with a palette: the indices, as np.array(image) gives them
+}
+_READ_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY, None: ImageReadMode.UNCHANGED}
 
 
 class CorruptImageError(ValueError):
@@ -92,8 +121,78 @@ def open_image(path: str | os.PathLike[str], mode: str | None = None) -> Image.I
 
 
 def open_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    """`open_image(path, "RGB")`: a loader for torchvision's ImageFolder and ImageNet."""
+    """`open_image(path, "RGB")`: a PIL loader for torchvision's ImageFolder and ImageNet."""
     return open_image(path, "RGB")
+
+
+def read_image(path: str | os.PathLike[str], mode: str | None = None) -> torch.Tensor:
+    """The image at `path` as a uint8 tensor (C, H, W), decoded whole by torchvision.io: `mode` "RGB" gives 3
+    channels, "L" one, None the channels as stored (a palette PNG: its indices, as `np.array` of the PIL image).
+
+    PIL reads the header from the file's bytes (a few microseconds): the decompression-bomb check, and the format
+    and mode, which pick the decoder. JPEGs and PNGs go to torchvision.io (`decode_image`); other files, and any
+    file torchvision fails on, are decoded by `open_image`: a file PIL can read comes back as PIL decodes it, a
+    damaged one raises `open_image`'s errors, the same messages and reasons as PIL-only loading gave.
+
+    Raises: as `open_image` (CorruptImageError, DecompressionBombError, OSError with an errno, RuntimeError).
+    """
+    path = os.fspath(path)
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        return _pil_tensor(path, mode)  # open_image's RuntimeError, naming the path
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        if error.errno is None:
+            raise
+        error.add_note(f"while reading the image {path}")
+        raise
+    pixels = _tensor_decode(data, mode, path)
+    return pixels if pixels is not None else _pil_tensor(path, mode)
+
+
+def decode_bytes(data: bytes, mode: str | None = None) -> torch.Tensor:
+    """An image held in memory (e.g. a people crop read from a tarball and checked there) as a uint8 tensor (C, H, W),
+    as `read_image` decodes a file: torchvision.io where it decodes as PIL would, else PIL. Whatever PIL raises
+    for damaged bytes is raised as it is (there is no file to name)."""
+    pixels = _tensor_decode(data, mode, "<bytes>")
+    if pixels is None:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            pixels = F.pil_to_tensor(image.convert(mode) if mode is not None and image.mode != mode else image)
+    return pixels.contiguous()
+
+
+def _tensor_decode(data: bytes, mode: str | None, name: str) -> torch.Tensor | None:
+    """`data` decoded by torchvision.io as a uint8 (C, H, W) tensor, or None where PIL should decode it: a format or
+    mode outside `_TENSOR_DECODES`, a header PIL refuses (not an image, a decompression bomb), torchvision failing
+    (cut short, garbled), or more than 8 bits a channel."""
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # reads the header only
+            if mode not in _TENSOR_DECODES.get((header.format, header.mode), ()):
+                return None
+    except MemoryError:
+        raise
+    except Exception:  # not an image, a bomb, ...: PIL says which
+        return None
+    try:
+        pixels = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=_READ_MODES[mode])
+    except MemoryError:
+        raise
+    except Exception as error:  # cut short, garbled: PIL decodes it anyway, or names what is wrong
+        logger.debug("torchvision.io cannot decode %s (%s); trying PIL", name, error)
+        return None
+    return pixels if pixels.dtype == torch.uint8 else None  # a 16-bit RGB PNG (PIL: "RGB", 8 bits) comes as uint16
+
+
+def read_rgb(path: str | os.PathLike[str]) -> torch.Tensor:
+    """`read_image(path, "RGB")`: a tensor loader for torchvision's ImageFolder and ImageNet."""
+    return read_image(path, "RGB")
+
+
+def _pil_tensor(path: str, mode: str | None) -> torch.Tensor:
+    """`open_image(path, mode)` as a tensor (C, H, W), of the dtype PIL's mode gives (uint8 for RGB, L, P)."""
+    return F.pil_to_tensor(open_image(path, mode)).contiguous()
 
 
 def _corrupt(path: str, error: Exception) -> CorruptImageError:

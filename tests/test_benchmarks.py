@@ -1,6 +1,9 @@
 """The benchmarks run and print their tables (tiny sizes; the figures themselves come from `make bench`)."""
 
+import re
+
 from benchmarks import convs as bench_convs
+from benchmarks import data as bench_data
 from benchmarks import retrieval as bench_retrieval
 from benchmarks import segmentation as bench_segmentation
 
@@ -42,3 +45,18 @@ def test_retrieval_benchmark_prints_times_ratios_and_recall(capsys):
     rows = {line.split("|")[1].strip().split(" (")[0]: line for line in out.splitlines() if line.startswith("| ")}
     assert {"torch exact", "faiss flat", "faiss ivf", "faiss hnsw"} <= set(rows) and "recall@100" in out
     assert rows["faiss flat"].rstrip(" |").endswith("1.000")  # exact search finds the baseline's neighbours
+
+
+def test_data_benchmark_prints_rates_ratios_and_workers(capsys):
+    bench_data.main(
+        ["--images", "3", "--size", "64x48", "--city-images", "1", "--city-size", "96x48", "--rounds", "1"]
+        + ["--warmup", "0", "--target", "1000", "--cpus", "10", "--gpus", "2"]
+    )
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    pipelines = {
+        f"{task} {split}" for task in ("classification", "segmentation", "hotels") for split in ("train", "eval")
+    }
+    assert pipelines <= set(rows) and "workers for 1000 img/s" in out
+    assert all(re.search(r"\| \d+\.\d\dx +\|", rows[name]) for name in pipelines)  # the tensor vs PIL ratio
+    assert "loader_workers_per_gpu(cpus=10, gpus=2) = 3 loader worker(s) per GPU" in out

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import torchvision
 from torch.utils.data import Dataset
-from torchvision import transforms
+from torchvision.transforms import v2
 
 from .. import images
 from ..common import IMAGENET_MEAN, IMAGENET_STD
@@ -29,13 +30,16 @@ LAYOUT = (
 )
 
 
-def build_transform(preset: ClassificationPreset, *, train: bool) -> transforms.Compose:
-    """The partial-conv recipe: RandomResizedCrop + flip for training, Resize + CenterCrop for validation."""
-    norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+def build_transform(preset: ClassificationPreset, *, train: bool) -> v2.Compose:
+    """The partial-conv recipe: RandomResizedCrop + flip for training, Resize + CenterCrop for validation, then
+    ImageNet normalisation. torchvision.transforms.v2 on the uint8 tensor (3, H, W) `images.read_rgb` decodes:
+    resizing stays in uint8 (bilinear, antialiased like PIL's), only the crop becomes float32 (3, S, S)."""
+    norm = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if train:
-        crop = transforms.RandomResizedCrop(preset.image_size, scale=preset.crop_scale)
-        return transforms.Compose([crop, transforms.RandomHorizontalFlip(), *norm])
-    return transforms.Compose([transforms.Resize(preset.eval_size), transforms.CenterCrop(preset.image_size), *norm])
+        crop = v2.RandomResizedCrop(preset.image_size, scale=preset.crop_scale, antialias=True)
+        return v2.Compose([crop, v2.RandomHorizontalFlip(), *norm])
+    resize = v2.Resize(preset.eval_size, antialias=True)
+    return v2.Compose([resize, v2.CenterCrop(preset.image_size), *norm])
 
 
 def has_image(folder: Path) -> bool:
@@ -72,11 +76,12 @@ def check_layout(root: Path) -> None:
 
 
 class _BadImagesHandled:
-    """torchvision's folder datasets reading through `images.open_rgb` (decoded whole), a damaged file handled as the
-    preset's `bad_images` says: "skip" serves the next image of the same class in its place (`images.BadImages`)."""
+    """torchvision's folder datasets reading through `images.read_rgb` (decoded whole, a uint8 tensor), a damaged
+    file handled as the preset's `bad_images` says: "skip" serves the next image of the same class in its place
+    (`images.BadImages`)."""
 
     def __init__(self, *args: Any, bad_images: str, **kwargs: Any) -> None:
-        super().__init__(*args, loader=images.open_rgb, **kwargs)
+        super().__init__(*args, loader=images.read_rgb, **kwargs)
         self.bad_images = images.BadImages(bad_images)
         self._classes = np.asarray(self.targets, dtype=np.int64)
 

@@ -729,21 +729,24 @@ def load_people_crops(root: Path) -> list[bytes]:
     return [data for _, data in sorted(crops)]
 
 
-def resize_shorter(image: Image.Image, size: int, *, nearest: bool = False) -> Image.Image:
-    """Resize a PIL image so the shorter side is `size` (bilinear, which PIL antialiases, or nearest for masks)."""
-    return F.resize(image, [size], interpolation=InterpolationMode.NEAREST if nearest else InterpolationMode.BILINEAR)
+def resize_shorter(image: torch.Tensor, size: int, *, nearest: bool = False) -> torch.Tensor:
+    """Resize an image tensor (C, H, W) so the shorter side is `size`: bilinear with antialiasing (as PIL resizes),
+    or nearest for masks; uint8 stays uint8."""
+    mode = InterpolationMode.NEAREST if nearest else InterpolationMode.BILINEAR
+    return F.resize(image, [size], interpolation=mode, antialias=True)
 
 
-def _normalised(image: Image.Image, valid: torch.Tensor) -> torch.Tensor:
-    """RGB PIL image -> ImageNet-normalised float (3, S, S), occluded pixels (valid == 0) set to 0 (the mean colour)."""
-    pixels = F.to_dtype(F.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True)
+def _normalised(pixels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (3, S, S) -> ImageNet-normalised float (3, S, S), occluded pixels (valid == 0) set to 0 (the mean
+    colour)."""
+    pixels = F.to_dtype(pixels, torch.float32, scale=True)
     return (F.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD) * valid).contiguous()
 
 
-def _valid_from_mask(mask: Image.Image) -> torch.Tensor:
-    """A people-crop or test-mask image (pixels < 255 occluded) -> float (1, H, W), 1 valid, 0 occluded."""
-    values = torch.from_numpy(np.array(mask.convert("L"), dtype=np.uint8))
-    return (values >= PEOPLE_MIN_VALID).float()[None]
+def _valid_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A people-crop or test-mask uint8 tensor (1, H, W) (pixels < 255 occluded) -> float (1, H, W), 1 valid, 0
+    occluded."""
+    return (mask >= PEOPLE_MIN_VALID).float()
 
 
 def paste_occluder(valid: torch.Tensor, crop: bytes, scale: tuple[float, float]) -> torch.Tensor:
@@ -751,18 +754,17 @@ def paste_occluder(valid: torch.Tensor, crop: bytes, scale: tuple[float, float])
     a horizontal flip, the crop's longer side as a uniform fraction in `scale` of S (aspect kept), and its centre
     uniformly over the image, the part outside the image cut off."""
     side = valid.shape[-1]
-    with Image.open(io.BytesIO(crop)) as image:
-        person = image.convert("L")
+    person = images.decode_bytes(crop, "L")  # uint8 (1, h, w)
     if torch.rand(()).item() < 0.5:
         person = F.horizontal_flip(person)
     fraction = scale[0] + (scale[1] - scale[0]) * torch.rand(()).item()
-    width, height = person.size
+    height, width = person.shape[-2:]
     longer = max(1, round(fraction * side))
     if height >= width:
         size = [longer, max(1, round(width * longer / height))]
     else:
         size = [max(1, round(height * longer / width)), longer]
-    occluded = 1 - _valid_from_mask(F.resize(person, size))[0]
+    occluded = 1 - _valid_from_mask(F.resize(person, size, antialias=True))[0]
     top = torch.randint(side, ()).item() - size[0] // 2
     left = torch.randint(side, ()).item() - size[1] // 2
     y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + size[0], side), min(left + size[1], side)
@@ -779,7 +781,8 @@ class _Images(Dataset, ABC):
     """Records as compact numpy arrays: paths relative to the root as fixed-width bytes (no per-item Python
     objects, so forked DataLoader workers do not copy them on access), ids as int64, sources as int8.
 
-    Files are decoded whole (`images.open_image`); a damaged image or mask is handled as `preset.bad_images` says:
+    Files are decoded whole into uint8 tensors (`images.read_image`, torchvision.io) and transformed as tensors; a
+    damaged image or mask is handled as `preset.bad_images` says:
     "skip" serves the next image of the same hotel in its place (`images.BadImages`), so a training batch keeps its
     hotels x images shape. Cleaning (`load_index`) already left out the files whose headers PIL cannot read."""
 
@@ -808,8 +811,8 @@ class _Images(Dataset, ABC):
     def _load(self, index: int) -> tuple[tuple[torch.Tensor, torch.Tensor], object]:
         """Item `index`; `CorruptImageError` for a damaged image or mask."""
 
-    def _open(self, relative: bytes, mode: str | None = None) -> Image.Image:
-        return images.open_image(self.root / os.fsdecode(relative), mode)
+    def _read(self, relative: bytes, mode: str) -> torch.Tensor:
+        return images.read_image(self.root / os.fsdecode(relative), mode)
 
 
 class TrainImages(_Images):
@@ -827,9 +830,9 @@ class TrainImages(_Images):
         self.occlusion_prob, self.occluder_scale = preset.occlusion_prob, preset.occluder_scale
 
     def _load(self, index: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
-        image = resize_shorter(self._open(self.paths[index]), self.resize)
+        image = resize_shorter(self._read(self.paths[index], "RGB"), self.resize)
         side = self.image_size
-        width, height = image.size
+        height, width = image.shape[-2:]
         top, left = torch.randint(height - side + 1, ()).item(), torch.randint(width - side + 1, ()).item()
         image = F.crop(image, top, left, side, side)
         if torch.rand(()).item() < 0.5:
@@ -848,13 +851,13 @@ class EvalImages(_Images):
     """
 
     def _load(self, index: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        image = self._open(self.paths[index], "RGB")
+        image = self._read(self.paths[index], "RGB")
         side = self.image_size
         pixels = F.center_crop(resize_shorter(image, self.resize), [side, side])
         if self.masks[index]:
-            mask = self._open(self.masks[index], "L")
-            if mask.size != image.size:
-                mask = F.resize(mask, [image.height, image.width], interpolation=InterpolationMode.NEAREST)
+            mask = self._read(self.masks[index], "L")
+            if mask.shape[-2:] != image.shape[-2:]:
+                mask = F.resize(mask, list(image.shape[-2:]), interpolation=InterpolationMode.NEAREST)
             valid = _valid_from_mask(F.center_crop(resize_shorter(mask, self.resize, nearest=True), [side, side]))
         else:
             valid = torch.ones(1, side, side)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..data import LayoutError, default_cache_dir, per_worker_batch, seed_worker, shard
+from ..data import LayoutError, default_cache_dir, loader_options, per_worker_batch, shard
 from ..evaluation import Evaluation
 from ..preset import PresetError
 from ..published import Published
@@ -89,7 +89,8 @@ class HotelsTask:
         """Train batches of `hotels_per_batch` hotels x `images_per_hotel` images (the global batch, each worker
         loading its slice); the gallery and the test set of each occlusion level, for the evaluation: with several
         workers each one's loaders read only its contiguous shard of each set (`tasks.data.shard`), in order, and the
-        evaluation gathers the shards; one worker reads the whole sets."""
+        evaluation gathers the shards; one worker reads the whole sets. Loader settings: `tasks.data.loader_options`
+        (pinned memory on CUDA machines; the training loader's workers persist across epochs)."""
         per_worker = per_worker_batch(preset, world_size)  # before reading any data
         train, gallery, tests = data.build_datasets(root, preset, cache_dir=default_cache_dir())
         try:
@@ -106,15 +107,17 @@ class HotelsTask:
             raise
         except ValueError as error:  # too few usable hotels: the data, not the recipe
             raise LayoutError(f"{root}/images/train: {error}") from None
-        common = dict(num_workers=workers, worker_init_fn=seed_worker, pin_memory=False)
         generator = torch.Generator().manual_seed(seed)
-        train_loader = DataLoader(train, batch_sampler=sampler, generator=generator, **common)
+        train_loader = DataLoader(train, batch_sampler=sampler, generator=generator, **loader_options(workers))
         eval_batch = preset.eval_batch_size or per_worker
 
         def loader(dataset: Dataset) -> DataLoader:
+            # Not persistent: five evaluation loaders would keep five times the workers alive, idle through
+            # training; starting them costs about a second per evaluation, which embeds whole sets.
             if world_size > 1:
                 dataset = Subset(dataset, shard(len(dataset), rank, world_size))
-            return DataLoader(dataset, batch_size=eval_batch, shuffle=False, **common)
+            options = loader_options(workers, persistent=False)
+            return DataLoader(dataset, batch_size=eval_batch, shuffle=False, **options)
 
         evaluation = metrics.RetrievalLoaders(
             gallery=loader(gallery),

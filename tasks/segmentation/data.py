@@ -36,6 +36,7 @@ COLORS = {c.id: c.color for c in torchvision.datasets.Cityscapes.classes if c.id
 _LUT = torch.full((256,), IGNORE, dtype=torch.long)
 for _id, _train in ID_TO_TRAIN.items():
     _LUT[_id] = _train
+_LUT8 = _LUT.to(torch.uint8)  # the same map into uint8 (train ids and 255 fit): label maps augmented in 1 byte a pixel
 
 LAYOUT = (
     "ROOT/leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png\n"
@@ -78,6 +79,8 @@ class RandomScale(v2.Transform):
 
 class PadIfSmaller(v2.Transform):
     """Pad right and bottom up to `size` (height, width), filling per type (`fill={tv_tensors.Mask: 255, ...}`).
+    A uint8 image that needs padding is converted to float32 (0..1, `v2.ToDtype(scale=True)`) first, so that a
+    fill in 0..1 (the ImageNet mean colour, `PAD_FILL`) is exact: 0 once normalised; one that does not stays uint8.
 
     As torchvision's segmentation reference (`references/segmentation/v2_extras.py`): RandomCrop's pad_if_needed
     pads both sides, which would move the image away from the top-left corner the labels are aligned to.
@@ -96,6 +99,8 @@ class PadIfSmaller(v2.Transform):
         """Pad one input with its type's fill value."""
         if not any(params["padding"]):
             return inpt
+        if isinstance(inpt, tv_tensors.Image) and not inpt.is_floating_point():
+            inpt = F.to_dtype(inpt, torch.float32, scale=True)
         return self._call_kernel(F.pad, inpt, params["padding"], fill=self.fill.get(type(inpt), 0))
 
 
@@ -148,9 +153,14 @@ class ClassUniformCrop(v2.Transform):
 
 
 class JointTransform:
-    """Image + raw labelIds PIL pair -> normalized tensor (3, H, W) and train-id tensor (H, W); in training, a
-    random scale, crop and horizontal flip applied to both alike (torchvision transforms v2 on Image + Mask),
-    then the image alone jittered in colour and blurred where asked; normalisation comes last.
+    """Image + raw labelIds pair -> normalized float32 tensor (3, H, W) and train-id tensor (H, W), int64; in
+    training, a random scale, crop and horizontal flip applied to both alike (torchvision transforms v2 on Image +
+    Mask), then the image alone jittered in colour and blurred where asked; normalisation comes last.
+
+    The pair comes as decoded by `images.read_image`: a uint8 tensor (3, H, W) and a uint8 label map (1, H, W) or
+    (H, W) (PIL images are accepted too). The geometric steps run on uint8, images and label maps alike (resizing
+    bilinear with antialiasing, labels nearest: exact ids); the image becomes float32 after the flip (or where it is
+    padded), so colour jitter and blur work on 0..1 pixels as before, on the crop only.
 
     The crop is `crop` pixels square, clipped to the unscaled image, so a small synthetic image trains whole; a
     scaled image smaller than the crop is padded right and bottom with the mean colour and label 255.
@@ -192,6 +202,7 @@ class JointTransform:
                     steps.append(crop)
                 smallest = min(size)
             steps.append(v2.RandomHorizontalFlip())
+            steps.append(v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True))
             if self.color_jitter:
                 jitter = self.color_jitter
                 steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter))
@@ -200,17 +211,26 @@ class JointTransform:
             self._augment[height, width] = v2.Compose(steps)
         return self._augment[height, width]
 
-    def __call__(self, image: Image.Image, target: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        # (H, W, C) -> (C, H, W) made contiguous before the float conversion: resizing a channels-last view is slower
-        pixels = F.to_dtype(F.pil_to_tensor(image.convert("RGB")).contiguous(), torch.float32, scale=True)
-        label = to_train_ids(torch.from_numpy(np.array(target, dtype=np.uint8)))
+    def __call__(
+        self, image: torch.Tensor | Image.Image, target: torch.Tensor | Image.Image
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(image, Image.Image):  # (H, W, C) -> (C, H, W) made contiguous: resizing a strided view is slower
+            image = F.pil_to_tensor(image.convert("RGB")).contiguous()
+        if isinstance(target, Image.Image):
+            target = torch.from_numpy(np.array(target, dtype=np.uint8))
+        if target.ndim == 3 and target.shape[0] != 1:
+            raise ValueError(f"a label map of {target.shape[0]} channels: expected one (a labelIds PNG)")
+        label = _LUT8[target.reshape(target.shape[-2:]).long()]  # raw label ids -> train ids, uint8
+        pixels = image
         if self.train:
             augment = self.augmentation(*pixels.shape[-2:])
             pixels, label = augment(tv_tensors.Image(pixels), tv_tensors.Mask(label))
             pixels, label = pixels.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
-        # after the augmentation: colour jitter works on 0..1 pixels, and the crop is cheaper to normalise
-        pixels = F.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
-        return pixels.contiguous(), label.contiguous()
+        if not pixels.is_floating_point():  # evaluation: torchvision decodes (H, W, C), a 4-byte copy would cost more
+            pixels = pixels.contiguous()
+        # after the augmentation: the crop is cheaper to convert and normalise
+        pixels = F.normalize(F.to_dtype(pixels, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
+        return pixels.contiguous(), label.long().contiguous()
 
 
 def check_layout(root: Path) -> None:
@@ -237,17 +257,17 @@ def check_layout(root: Path) -> None:
 
 
 class Cityscapes(torchvision.datasets.Cityscapes):
-    """torchvision's Cityscapes (fine, semantic), reading the image and its labelIds PNG through `images.open_image`
-    (decoded whole), a damaged one of the two handled as `bad_images` says: "skip" serves the next pair in its place
-    (`images.BadImages`)."""
+    """torchvision's Cityscapes (fine, semantic), reading the image and its labelIds PNG through `images.read_image`
+    (decoded whole into uint8 tensors, the label ids as stored), a damaged one of the two handled as `bad_images`
+    says: "skip" serves the next pair in its place (`images.BadImages`)."""
 
     def __init__(self, root: Path, split: str, *, transforms: JointTransform, bad_images: str) -> None:
         super().__init__(str(root), split=split, mode="fine", target_type="semantic", transforms=transforms)
         self.bad_images = images.BadImages(bad_images)
 
     def _load(self, index: int) -> tuple[Any, Any]:
-        image = images.open_image(self.images[index], "RGB")
-        target = images.open_image(self.targets[index][0])
+        image = images.read_image(self.images[index], "RGB")
+        target = images.read_image(self.targets[index][0])
         return self.transforms(image, target) if self.transforms is not None else (image, target)
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:

@@ -37,16 +37,16 @@ def private(monkeypatch, tmp_path):
 
 @pytest.fixture
 def decoded(monkeypatch):
-    """The files `open_image` decoded, in order (the loaders run in this process: workers=0)."""
+    """The files `read_image` decoded, in order (the loaders run in this process: workers=0)."""
     paths: list[str] = []
-    original = images.open_image
+    original = images.read_image
 
     def recording(path, mode=None):
         image = original(path, mode)
         paths.append(os.fspath(path))
         return image
 
-    monkeypatch.setattr(images, "open_image", recording)
+    monkeypatch.setattr(images, "read_image", recording)
     return paths
 
 

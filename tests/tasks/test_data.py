@@ -3,11 +3,12 @@
 import logging
 
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
 import tasks
 from tasks import LayoutError, PresetError, ensure_synthetic, get_task
-from tasks.data import shard
+from tasks.data import MAX_WORKERS_PER_GPU, PREFETCH_FACTOR, loader_options, loader_workers_per_gpu, shard
 
 
 @pytest.mark.parametrize("name", sorted(tasks.TASKS))
@@ -60,3 +61,53 @@ def test_shards_are_contiguous_in_order_and_one_apart():
             assert max(map(len, shards)) - min(map(len, shards)) <= 1
     with pytest.raises(ValueError, match="rank 2 outside a world of 2"):
         shard(10, 2, 2)
+
+
+def test_loader_workers_per_gpu_leaves_a_core_per_gpu_and_one_for_the_node():
+    assert loader_workers_per_gpu(16, 1) == 14
+    assert loader_workers_per_gpu(32, 4) == 6  # 32 - 4 - 1 = 27 cores shared by 4 GPUs
+    assert loader_workers_per_gpu(96, 8) == 10
+    assert loader_workers_per_gpu(128, 8) == 14
+    for cpus in range(1, 300):
+        for gpus in (1, 2, 4, 8):
+            workers = loader_workers_per_gpu(cpus, gpus)
+            assert 1 <= workers <= MAX_WORKERS_PER_GPU
+            if workers > 1:  # the training processes, the node and every GPU's workers fit in the cores
+                assert gpus * (workers + 1) + 1 <= cpus
+
+
+def test_loader_workers_per_gpu_is_capped_and_never_zero():
+    assert loader_workers_per_gpu(256, 1) == MAX_WORKERS_PER_GPU == 16
+    assert loader_workers_per_gpu(256, 1, cap=4) == 4
+    assert loader_workers_per_gpu(2, 1) == loader_workers_per_gpu(1, 1) == loader_workers_per_gpu(8, 8) == 1
+    for bad in ((0, 1), (8, 0), (-1, 2)):
+        with pytest.raises(ValueError, match="at least 1 cpu, gpu and cap"):
+            loader_workers_per_gpu(*bad)
+    with pytest.raises(ValueError, match="cap=0"):
+        loader_workers_per_gpu(8, 1, cap=0)
+
+
+def test_loader_options_pin_on_cuda_and_keep_workers(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert loader_options(0)["pin_memory"] is False and "persistent_workers" not in loader_options(0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    options = loader_options(3)
+    assert options["pin_memory"] is True and options["num_workers"] == 3
+    assert options["persistent_workers"] is True and options["prefetch_factor"] == PREFETCH_FACTOR
+    assert loader_options(3, persistent=False)["persistent_workers"] is False
+
+
+@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+def test_the_task_loaders_take_the_shared_options(name, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # pinning is decided when the loader is built
+    monkeypatch.setenv("INVALID_PIXELS_CACHE", str(tmp_path / "cache"))
+    task = get_task(name)
+    preset = task.presets["smoke"]
+    root = ensure_synthetic(task, preset, tmp_path)
+    train, val = task.build_loaders(root, preset, rank=0, world_size=1, seed=0, workers=2)
+    evaluation = [val] if isinstance(val, DataLoader) else [val.gallery, *val.queries.values()]
+    for loader in [train, *evaluation]:
+        assert loader.pin_memory and loader.num_workers == 2 and loader.prefetch_factor == PREFETCH_FACTOR
+    assert train.persistent_workers
+    # hotels: five evaluation loaders, whose idle workers would outnumber the training loader's
+    assert all(loader.persistent_workers == (name != "hotels") for loader in evaluation)

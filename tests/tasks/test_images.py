@@ -1,5 +1,6 @@
-"""`tasks.images`: files decoded whole, a damaged one named with its reason and the fix, and the preset's choice
-between failing and skipping (a substitute item from the same group, each file warned about once)."""
+"""`tasks.images`: files decoded whole (PIL's `open_image`; torchvision.io's `read_image`, the same pixels as
+tensors), a damaged one named with its reason and the fix, and the preset's choice between failing and skipping
+(a substitute item from the same group, each file warned about once)."""
 
 import io
 import logging
@@ -10,10 +11,11 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 import tasks
 from tasks import images
-from tasks.images import BAD_IMAGES, BadImages, CorruptImageError, open_image, substitutes
+from tasks.images import BAD_IMAGES, BadImages, CorruptImageError, decode_bytes, open_image, read_image, substitutes
 
 
 @pytest.fixture(autouse=True)
@@ -131,6 +133,92 @@ def test_truncated_images_are_never_loaded_silently(tmp_path, monkeypatch):
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES is True"):
         open_image(path)
+
+
+# read_image: torchvision.io's decoding, PIL's pixels and errors -------------------------------------------------------
+
+
+@pytest.fixture
+def no_pil_decoding(monkeypatch):
+    """`open_image` (PIL's full decode) refused: what still loads was decoded by torchvision.io."""
+
+    def refused(path, mode=None):
+        raise AssertionError(f"PIL decoded {path}")
+
+    monkeypatch.setattr(images, "open_image", refused)
+
+
+@pytest.mark.parametrize("fmt,stored", [("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("PNG", "L"), ("PNG", "RGBA")])
+def test_read_image_gives_pils_pixels_as_a_uint8_tensor_decoded_by_torchvision(tmp_path, fmt, stored, monkeypatch):
+    path = tmp_path / f"good.{fmt.lower()}"
+    path.write_bytes(encoded(fmt, stored, size=(50, 30)) if stored != "RGBA" else rgba_png())
+    modes = [m for m in ("RGB", "L", None) if m in images._TENSOR_DECODES[fmt, stored]]
+    expected = {mode: pil_to_tensor(open_image(path, mode)) for mode in modes}
+    monkeypatch.setattr(images, "open_image", lambda *a: pytest.fail("decoded by PIL"))
+    for mode in modes:
+        pixels = read_image(path, mode)
+        assert pixels.dtype == torch.uint8 and pixels.shape[-2:] == (30, 50)
+        assert torch.equal(pixels, expected[mode]), mode  # libjpeg-turbo both: the very same pixels
+    assert read_image(str(path), "RGB").shape == (3, 30, 50)
+
+
+def rgba_png() -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 4), dtype=np.uint8), "RGBA").save(out, "PNG")
+    return out.getvalue()
+
+
+def test_read_image_keeps_a_palette_label_maps_indices(tmp_path, no_pil_decoding):
+    ids = (np.arange(30 * 40).reshape(30, 40) % 34).astype(np.uint8)
+    label = Image.fromarray(ids, "L").convert("P")
+    label.putpalette([(i * 37) % 256 for i in range(768)])
+    label.putdata(ids.flatten().tolist())
+    path = tmp_path / "labelIds.png"
+    label.save(path)
+    assert np.array_equal(read_image(path)[0].numpy(), ids)
+
+
+@pytest.mark.parametrize("fmt,stored,mode", [("BMP", "RGB", "RGB"), ("JPEG", "CMYK", "RGB"), ("PNG", "RGB", "L")])
+def test_read_image_lets_pil_decode_what_torchvision_would_decode_otherwise(tmp_path, fmt, stored, mode):
+    path = tmp_path / f"other.{fmt.lower()}"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).convert(stored).save(path, fmt)
+    assert torch.equal(read_image(path, mode), pil_to_tensor(open_image(path, mode)))
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_read_image_raises_for_a_damaged_file_what_pil_raises(tmp_path, damage):
+    path = tmp_path / "n01440764" / "bad.JPEG"
+    path.parent.mkdir()
+    path.write_bytes(DAMAGE[damage]())
+    with pytest.raises(CorruptImageError) as pil:
+        open_image(path, "RGB")
+    for mode in ("RGB", None):
+        with pytest.raises(CorruptImageError) as error:
+            read_image(path, mode)
+        assert str(error.value) == str(pil.value) and error.value.path == str(path)
+
+
+def test_read_image_and_the_file_systems_faults_bombs_and_truncated_loading(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError) as error:
+        read_image(tmp_path / "gone.jpg")
+    assert any(str(tmp_path / "gone.jpg") in note for note in error.value.__notes__)
+    path = tmp_path / "huge.png"
+    path.write_bytes(encoded("PNG"))  # 1200 pixels
+    with monkeypatch.context() as patched:
+        patched.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+        with pytest.raises(Image.DecompressionBombError, match=rf"^{path}: .*MAX_IMAGE_PIXELS"):
+            read_image(path, "RGB")
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES is True"):
+        read_image(path)
+
+
+def test_decode_bytes_as_read_image(tmp_path, no_pil_decoding):
+    data = encoded("PNG", "L")
+    (tmp_path / "crop.png").write_bytes(data)
+    assert torch.equal(decode_bytes(data, "L"), read_image(tmp_path / "crop.png", "L"))
+    assert decode_bytes(data, "L").shape == (1, 30, 40)
 
 
 def test_substitutes_come_from_the_same_group_first_then_the_next_items():

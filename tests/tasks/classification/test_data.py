@@ -2,12 +2,16 @@
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
+from torchvision import transforms as v1
 
-from tasks import LayoutError
-from tasks.classification import SYNTHETIC_CLASSES
+from tasks import LayoutError, images
+from tasks.classification import PRESETS, SYNTHETIC_CLASSES, build_transform
+from tasks.common import IMAGENET_MEAN, IMAGENET_STD
 
 
 def test_read_by_imagefolder_imagenet_and_the_task_loader(task, root):
@@ -38,3 +42,29 @@ def test_wrong_layout_shows_the_expected_layout(task, root, tmp_path):
     shutil.rmtree(broken / "val" / sorted(SYNTHETIC_CLASSES)[0])
     with pytest.raises(LayoutError, match="different class folders"):
         task.check_layout(broken)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_the_tensor_transform_gives_the_pil_recipes_crops_and_pixels(tmp_path, train):
+    """torchvision.io + transforms v2 on uint8 tensors: the same crops and flips for a seed as the PIL recipe
+    (transforms v1 on PIL images) and the same pixels, up to one level of rounding."""
+    preset = PRESETS["thesis"].updated(image_size=56, eval_size=64, crop_scale=(0.08, 1.0))
+    rng = np.random.default_rng(0)
+    path = tmp_path / "photo.JPEG"
+    smooth = np.kron(rng.integers(0, 256, (12, 16, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # 96 x 128
+    Image.fromarray(smooth).save(path, quality=90)
+    norm = [v1.ToTensor(), v1.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if train:
+        pil = v1.Compose([v1.RandomResizedCrop(56, scale=preset.crop_scale), v1.RandomHorizontalFlip(), *norm])
+    else:
+        pil = v1.Compose([v1.Resize(64), v1.CenterCrop(56), *norm])
+    tensor = build_transform(preset, train=train)
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    for seed in range(6):
+        torch.manual_seed(seed)
+        expected = pil(images.open_rgb(path))
+        torch.manual_seed(seed)
+        got = tensor(images.read_rgb(path))
+        assert got.shape == expected.shape == (3, 56, 56) and got.dtype == torch.float32
+        levels = ((got - expected) * std * 255).abs()
+        assert levels.max() < 1.01 and levels.mean() < 0.05, (seed, levels.max(), levels.mean())

@@ -214,4 +214,4 @@ def test_the_loader_takes_the_nvidia_augmentations_from_the_preset(task, root):
     images, labels = next(iter(train))
     assert images.shape == (preset.batch_size, 3, 16, 16) and labels.shape == (preset.batch_size, 16, 16)
     steps = [type(step).__name__ for step in transform.augmentation(32, 64).transforms]
-    assert steps == ["ClassUniformCrop", "RandomHorizontalFlip", "ColorJitter", "GaussianBlur"]
+    assert steps == ["ClassUniformCrop", "RandomHorizontalFlip", "ToDtype", "ColorJitter", "GaussianBlur"]
