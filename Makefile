@@ -34,6 +34,7 @@ bench: setup
 	$(PY) -m benchmarks.convs
 	$(PY) -m benchmarks.segmentation
 	$(PY) -m benchmarks.sweep
+	$(PY) -m benchmarks.data
 	$(PY) -m benchmarks.retrieval  # the thesis' scale (1M x 256 gallery): long on a laptop, see its --help
 
 # README figures; docs.screenshot runs a tiny sweep and needs Chromium (apt-get install chromium).

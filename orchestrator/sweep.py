@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 import convs
 import tasks
 from tasks import LayoutError, Preset, default_cache_dir, ensure_synthetic
+from tasks.data import loader_workers_per_gpu
 
 from . import report, storage, tables, tracking, weights
 from .cli import ArgumentParser, CliError, default_tracking_uri, setup_logging
@@ -39,6 +40,9 @@ log = logging.getLogger("orchestrator.sweep")  # not __name__: that is "__main__
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 ARGS_FILE = "sweep-args.json"  # the command line a sweep started with, beside Tune's state: --resume reads it
+# Loader workers per training process when the sweep starts before any GPU node has joined (an autoscaling
+# cluster): what `loader_workers_per_gpu` gives a GPU of the cluster YAMLs' smallest GPU nodes (8 cores, 1 GPU).
+DEFAULT_GPU_LOADER_WORKERS = 6
 RESUMABLE = (
     "resume",
     "name",
@@ -139,7 +143,8 @@ def get_args_parser() -> ArgumentParser:
         "--loader-workers",
         type=int,
         metavar="N",
-        help="DataLoader processes per Train worker (default: 4 with GPUs, 0 on CPU)",
+        help="DataLoader processes per Train worker (default: 0 on CPU; with GPUs, the node's cores left after one per "
+        "training process and one for the node, shared among its GPUs, at most 16: tasks.data.loader_workers_per_gpu)",
     )
     p.add_argument(
         "--max-concurrent",
@@ -212,7 +217,7 @@ class Plan:
     workers_per_trial: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # None: 1 if the cluster has GPUs
-    loader_workers: int | None = None  # None: 4 with GPUs, 0 on CPU
+    loader_workers: int | None = None  # None: 0 on CPU, tasks.data.loader_workers_per_gpu with GPUs
     max_concurrent: int | None = None  # None: as many trials as the cluster fits
     max_failures: int = 2
     space_args: tuple[str, ...] = field(default=())  # the --space strings as typed, for the parent run's params
@@ -527,8 +532,12 @@ class Resources:
     loader_workers: int
 
 
-def trial_resources(p: Plan, cluster: dict[str, float]) -> Resources:
+def trial_resources(p: Plan, cluster: dict[str, float], nodes: list[dict[str, float]] | None = None) -> Resources:
     """Fit the trials to the cluster's CPUs and GPUs (`ray.cluster_resources()`); `CliError` if one cannot fit.
+
+    Loader workers (unless --loader-workers): none on CPU, where they would take the cores the trials train on;
+    with GPUs, `tasks.data.loader_workers_per_gpu` of the smallest GPU node in `nodes` (each node's resources; the
+    whole cluster as one node when not given), counting one training process per `gpus_per_worker` of a GPU.
 
     A cluster (`--address`) asked for GPUs explicitly (`--gpus-per-worker`) may have fewer now than the sweep can
     use: the cluster YAMLs start with no GPU workers, and Ray's autoscaler adds nodes for the trials that wait for
@@ -537,7 +546,13 @@ def trial_resources(p: Plan, cluster: dict[str, float]) -> Resources:
     cpus, gpus_total = cluster.get("CPU", 0), cluster.get("GPU", 0)
     gpus = p.gpus_per_worker if p.gpus_per_worker is not None else (1.0 if gpus_total else 0.0)
     trial_cpus, trial_gpus = p.workers_per_trial * p.cpus_per_worker, p.workers_per_trial * gpus
-    loader_workers = p.loader_workers if p.loader_workers is not None else (4 if gpus else 0)
+    loader_workers = p.loader_workers if p.loader_workers is not None else 0
+    if p.loader_workers is None and gpus:
+        gpu_nodes = [n for n in (nodes or [cluster]) if n.get("GPU", 0) > 0]
+        loader_workers = min(
+            (loader_workers_per_gpu(int(n.get("CPU", 1)) or 1, max(1, math.floor(n["GPU"] / gpus))) for n in gpu_nodes),
+            default=DEFAULT_GPU_LOADER_WORKERS,  # GPU nodes still to come from the autoscaler
+        )
     if p.address is not None and p.gpus_per_worker:
         fits_now = math.floor(min(cpus / trial_cpus, gpus_total / trial_gpus))
         log.info(
@@ -827,7 +842,8 @@ def main(argv: list[str] | None = None) -> list[tables.TrialResult]:
         ray.init(address=p.address, log_to_driver=p.verbose, configure_logging=False)
     try:
         storage.check_shared_storage(p.storage)  # a local --storage on a multi-node cluster: every node must see it
-        res = trial_resources(p, ray.cluster_resources())
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        res = trial_resources(p, ray.cluster_resources(), nodes)
         experiment_id, parent = open_sweep_run(p, res, data)
         try:
             sweep = SweepSettings(

@@ -96,7 +96,16 @@ def test_parse_space_reads_every_distribution():
 def test_trial_resources_fit_the_cluster():
     p = make_plan("--task", "classification")
     assert sweep.trial_resources(p, {"CPU": 2.0}) == sweep.Resources(0.0, 2, 0)
-    assert sweep.trial_resources(p, {"CPU": 16.0, "GPU": 4.0}) == sweep.Resources(1.0, 4, 4)
+    # loader workers per training process: (16 cores - 4 training processes - 1 for the node) // 4 GPUs
+    assert sweep.trial_resources(p, {"CPU": 16.0, "GPU": 4.0}) == sweep.Resources(1.0, 4, 2)
+    # per node, the smallest GPU node decides (a CPU-only head node does not count); half a GPU per worker: two
+    # training processes per GPU
+    nodes = [{"CPU": 4.0}, {"CPU": 16.0, "GPU": 1.0}, {"CPU": 32.0, "GPU": 2.0}]
+    assert sweep.trial_resources(p, {"CPU": 52.0, "GPU": 3.0}, nodes).loader_workers == 14
+    half = make_plan("--task", "classification", "--gpus-per-worker", "0.5")
+    assert sweep.trial_resources(half, {"CPU": 52.0, "GPU": 3.0}, nodes).loader_workers == 6
+    explicit = make_plan("--task", "classification", "--loader-workers", "3")
+    assert sweep.trial_resources(explicit, {"CPU": 16.0, "GPU": 4.0}).loader_workers == 3
     two = make_plan("--task", "classification", "--workers-per-trial", "2", "--max-concurrent", "1")
     assert sweep.trial_resources(two, {"CPU": 16.0, "GPU": 8.0}).max_concurrent == 1
     with pytest.raises(CliError, match="one trial needs 2 CPUs and 0 GPUs but the cluster has 1 CPUs"):
@@ -106,7 +115,9 @@ def test_trial_resources_fit_the_cluster():
     # An autoscaling cluster with no GPU worker yet: every trial starts and waits for the nodes Ray adds for it.
     cluster = make_plan("--address", "auto", "--gpus-per-worker", "1", "--seeds", "2")
     assert cluster.preset_name == "thesis" and cluster.trial_count == 2 * len(cluster.variants)
-    assert sweep.trial_resources(cluster, {"CPU": 4.0}) == sweep.Resources(1.0, cluster.trial_count, 4)
+    assert sweep.trial_resources(cluster, {"CPU": 4.0}) == sweep.Resources(
+        1.0, cluster.trial_count, sweep.DEFAULT_GPU_LOADER_WORKERS
+    )
     capped = make_plan("--address", "auto", "--gpus-per-worker", "1", "--max-concurrent", "3")
     assert sweep.trial_resources(capped, {"CPU": 4.0, "GPU": 1.0}).max_concurrent == 3
 
