@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -69,19 +69,32 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def saved_activation_bytes(step: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the distinct tensors autograd saves for backward during `step()` (the activation memory)."""
+def saved_activation_bytes(step: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct tensors autograd saves for backward during `step()` (the activation memory).
+
+    Tensors that share storage with one in `exclude` (pass the model's parameters) are not counted: a conv saves
+    its weight for backward, but the weight is there anyway, so counting it would charge a layer with more
+    parameters twice. Casts made for backward (an autocast conv's bf16 weight) are new storage and do count.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = step()
     del out
     return sum(storages.values())
+
+
+def verdict(ratio: float, goal: float, *, at_most: bool = True) -> str:
+    """'<= 1.15x ok' style text for a ratio against its goal."""
+    met = ratio <= goal if at_most else ratio >= goal
+    return f"{'<=' if at_most else '>='} {goal:.2f}x {'ok' if met else 'MISSED'}"
 
 
 def peak_cuda_bytes(step: Callable[[], None], device: torch.device) -> int:

@@ -27,12 +27,16 @@ from benchmarks.common import (
     pick_device,
     saved_activation_bytes,
     table,
+    verdict,
     with_baseline,
 )
 from orchestrator.cli import ArgumentParser
 
-# Targets from the foundation issue: time of a forward+backward step relative to the zero-padding model.
-TIME_TARGETS = {"partial": 1.02, "gated": 2.1, "edge": 1.4}
+# Targets: time of a forward+backward step relative to the zero-padding model (the foundation issue's; edge's is
+# tighter since edge conv does exactly the multiply-adds of a plain conv, one filter per output position).
+TIME_TARGETS = {"partial": 1.02, "gated": 2.1, "edge": 1.15}
+# Targets: what autograd saves for backward (activations, parameters not counted) relative to zero padding.
+SAVED_TARGETS = {"edge": 1.3}
 NVIDIA_STYLE = "partial (NVIDIA-style)"
 # Masked runs: row name -> (variant, convert options).
 HOLES = {
@@ -161,39 +165,51 @@ def main(argv: list[str] | None = None) -> None:
     steps = {name: train_step(model, inputs[name], amp) for name, model in models.items()}
     times = interleaved(steps, rounds=args.rounds, warmup=args.warmup, device=device)
 
-    memory = {}
+    memory, saved = {}, {}
     for name, model in models.items():
+        # What autograd keeps for backward, parameters not counted (a layer saves its weights, which exist anyway).
+        saved[name] = saved_activation_bytes(forward_only(model, inputs[name], amp), exclude=model.parameters())
         if gpu:
             memory[name] = peak_cuda_bytes(steps[name], device)
-        else:  # CPU allocations are not tracked by torch: count what autograd keeps for backward, plus params+grads
+        else:  # CPU allocations are not tracked by torch: saved activations plus params and grads
             params = sum(p.numel() * p.element_size() for p in model.parameters())
-            memory[name] = saved_activation_bytes(forward_only(model, inputs[name], amp)) + 2 * params
+            memory[name] = saved[name] + 2 * params
         model.zero_grad(set_to_none=True)
 
-    base_t, base_m = median(times["zero"]), memory["zero"]
-    rows = []
+    base_t, base_m, base_s = median(times["zero"]), memory["zero"], saved["zero"]
+    rows, goals = [], []
     for name, model in models.items():
         t = median(times[name])
-        target = TIME_TARGETS.get(name)
-        verdict = "" if target is None else ("ok" if t / base_t <= target else "MISSED")
+        target, saved_target = TIME_TARGETS.get(name), SAVED_TARGETS.get(name)
         rows.append(
             [
                 name,
                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}",
                 f"{t * 1e3:.0f}",
                 f"{t / base_t:.2f}x",
-                f"{'<= ' + format(target, '.2f') + 'x ' + verdict if target else ''}",
+                verdict(t / base_t, target) if target else "",
                 f"{memory[name] / 2**20:.0f}",
                 f"{memory[name] / base_m:.2f}x",
+                f"{saved[name] / 2**20:.0f}",
+                f"{saved[name] / base_s:.2f}x",
+                verdict(saved[name] / base_s, saved_target) if saved_target else "",
             ]
         )
+        if target:
+            goals.append(f"{name}: forward+backward time {t / base_t:.2f}x zero ({verdict(t / base_t, target)})")
+        if saved_target:
+            ratio = saved[name] / base_s
+            goals.append(f"{name}: saved for backward {ratio:.2f}x zero ({verdict(ratio, saved_target)})")
     mem_kind = "peak MiB" if gpu else "act+param+grad MiB"
     print(
         f"\nResNet50 forward+backward, batch {batch} x 3 x {args.size} x {args.size}, amp={amp}, "
         f"channels_last={channels_last}, {args.rounds} interleaved rounds (median)"
     )
     print(f"device: {describe(device)}\n")
-    print(table(["variant", "params (M)", "step ms", "time", "target", mem_kind, "memory"], rows))
+    header = ["variant", "params (M)", "step ms", "time", "target", mem_kind, "memory", "saved MiB", "saved", "target"]
+    print(table(header, rows))
+    if goals:
+        print("\nGoals, against zero padding measured in the same run:\n" + "\n".join(f"- {g}" for g in goals))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,13 @@ import torch
 import torch.nn.functional as F
 
 import convs
-from benchmarks.common import describe, interleaved, median, pick_device, table, with_baseline
+from benchmarks.common import describe, interleaved, median, pick_device, table, verdict, with_baseline
 from orchestrator.cli import ArgumentParser, CliError
 from tasks import autocast, get_task
 from tasks.segmentation import overlap_stride, predict_tiled
+
+# Targets: training throughput relative to zero padding, measured in the same run.
+THROUGHPUT_TARGETS = {"edge": 0.7}
 
 
 def build(variant: str, preset, device: torch.device, channels_last: bool) -> torch.nn.Module:
@@ -77,10 +80,13 @@ def main(argv: list[str] | None = None) -> None:
         {v: train_step(v) for v in variants}, rounds=args.rounds, warmup=args.warmup, device=device
     )
     base = median(train_times["zero"])
-    train_rows = [
-        [v, f"{batch / median(t):.1f}", f"{base / median(t):.2f}x", f"{median(t) / base:.2f}x"]
-        for v, t in train_times.items()
-    ]
+    train_rows, goals = [], []
+    for v, t in train_times.items():
+        ratio, target = base / median(t), THROUGHPUT_TARGETS.get(v)
+        goal = verdict(ratio, target, at_most=False) if target else ""
+        train_rows.append([v, f"{batch / median(t):.1f}", f"{ratio:.2f}x", f"{median(t) / base:.2f}x", goal])
+        if target:
+            goals.append(f"{v}: training throughput {ratio:.2f}x zero ({goal})")
 
     image = x[:1]
     tile = height
@@ -110,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{2 * height}, {amp or 'fp32'}, {args.rounds} interleaved rounds (median)"
     )
     print(f"device: {describe(device)}\n")
-    print(table(["variant", "train images/s", "throughput vs zero", "step time vs zero"], train_rows))
+    print(table(["variant", "train images/s", "throughput vs zero", "step time vs zero", "target"], train_rows))
+    if goals:
+        print("\nGoals, against zero padding measured in the same run:\n" + "\n".join(f"- {g}" for g in goals))
     print(
         f"\nEvaluation of one {height} x {2 * height} image, square tiles of {tile} px; time relative to whole image\n"
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, Self
+from typing import ClassVar, Literal, NamedTuple, Self
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,51 @@ from .policy import ConvReplacement, check_start
 # Order of the 8 border filters in `region_weight` (and biases in `region_bias`); the interior filter is the layer's
 # ordinary `weight` and `bias`.
 REGIONS = ("top_left", "top", "top_right", "left", "right", "bottom_left", "bottom", "bottom_right")
+INTERIOR = -1  # filter index of the interior box in a plan: `weight` and `bias`
+
+# How "auto" picks a plan per input size (measured on a 2-core Xeon VM, oneDNN, ResNet50 and DeepLabV3+ layer
+# shapes, one thread, forward+backward against a plain conv). "strips" (the plain conv over the whole map, border
+# strips recomputed) wastes the border share of its work and only pays off for a very thin frame. Otherwise each
+# output box is computed once. oneDNN is slow on small boxes with large filters (a corner of a 7 x 7 map with 512
+# channels is a matrix-vector product per image): there the border boxes are matrix products with the whole
+# batch in the columns ("hybrid"); for small filters oneDNN's own conv per box is faster ("boxes"). On maps of a few
+# dozen outputs the interior box is small too, and a matrix product beats oneDNN there as well ("gemm").
+STRIPS_MAX_BORDER_SHARE = 0.03
+GEMM_BORDER_MIN_WEIGHTS = 2**19  # elements of one filter bank: out channels * in channels per group * kernel area
+GEMM_ALL_MAX_OUTPUTS = 64  # output positions per image
+
+
+class Box(NamedTuple):
+    """One output box of a plan and how it is computed.
+
+    `index`: position in `REGIONS`, or `INTERIOR`. `out`: output rows and columns [r0, r1) x [c0, c1).
+    `window`: the input slice [ilo, ihi) x [jlo, jhi) and its zero padding (left, right, top, bottom) that give
+    the computed box with a padding-0 conv. `keep`: columns [k0, k1) of the computed box that are the output box
+    (all of them, except where a CPU workaround computes one column more, see `EdgeConv2d.regions`).
+    """
+
+    index: int
+    out: tuple[int, int, int, int]
+    window: tuple[int, int, int, int, int, int, int, int]
+    keep: tuple[int, int]
+
+
+class EdgePlan(NamedTuple):
+    """How a layer computes one input size.
+
+    "strips": the interior filter runs over the whole map (`boxes[0]`, the plain conv), then the border boxes
+    are computed with their own filters and overwrite their part of it: best when the border is a thin frame.
+    The other strategies compute every output position exactly once, each box with its own filter (the interior
+    box without any padding), which is what small or heavily dilated maps need (their border strips overlap or
+    cover the whole map): "boxes" with one conv per box, "hybrid" with the border boxes as matrix products (im2col
+    of the box, the batch in the columns), "gemm" with every box as a matrix product. `gemm[i]` says which way
+    `boxes[i]` is computed.
+    """
+
+    strategy: Literal["strips", "boxes", "hybrid", "gemm"]
+    boxes: tuple[Box, ...]
+    out_size: tuple[int, int]
+    gemm: tuple[bool, ...]
 
 
 class EdgeConv2d(ConvReplacement, nn.Conv2d):
@@ -23,12 +68,19 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
     An output position belongs to a border region when its window reaches into the padding on that side (the
     thesis' scalable design: one filter per region rather than per distance to the border). Each region has its
     own filter and, when the layer has a bias, its own bias (thesis eq. 3.1): `region_weight` and `region_bias`
-    stack the 8 border regions along the output channels, in `REGIONS` order. The interior
-    filter runs once over the whole image, as a plain conv would; only the thin border strips are recomputed
-    with their own filters. Strided, dilated, grouped and rectangular kernels all work (the thesis could not
-    apply edge conv to dilated convolutions). With all region filters equal to `weight` the layer is exactly
-    `nn.Conv2d` (the unified view, thesis section 3.4), which is how `from_conv` starts.
+    stack the 8 border regions along the output channels, in `REGIONS` order. Each input size gets a plan
+    (`plan`, `EdgePlan`): on very large maps the interior filter runs over the whole image, as a plain conv would,
+    and only the thin border strips are recomputed with their own filters; otherwise every output box is computed
+    once with its own filter, so the layer does the multiply-adds of a plain conv. Forward and backward are one
+    autograd node that saves only the input and the filters, as a plain conv does. Strided, dilated, grouped and
+    rectangular kernels all work (the thesis could not apply edge conv to dilated convolutions). With all region
+    filters equal to `weight` the layer is exactly `nn.Conv2d` (the unified view, thesis section 3.4), which is how
+    `from_conv` starts.
     """
+
+    # "auto" picks per input size and filter bank (see STRIPS_MAX_BORDER_SHARE); a strategy name forces it on every
+    # size (tests, benchmarks); set it on an instance or on the class.
+    strategy: ClassVar[Literal["auto", "strips", "boxes", "hybrid", "gemm"]] = "auto"
 
     def __init__(
         self,
@@ -63,6 +115,7 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
             self.register_parameter("region_weight", None)
             self.register_parameter("region_bias", None)
         self._region_cache: SizeCache[list] = SizeCache()
+        self._plan_cache: SizeCache[EdgePlan] = SizeCache()
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -135,41 +188,293 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
             return None
         return self.region_bias.narrow(0, index * self.out_channels, self.out_channels)
 
-    def regions(self, height: int, width: int, *, cpu: bool = False) -> list[tuple]:
-        """Border regions for an input size: (filter index, output box r0, r1, c0, c1, input window and padding,
-        columns of the computed box to keep). `cpu`: never compute a strip 1 output column wide (see below)."""
-        return self._region_cache.lookup((height, width, cpu), lambda: self._find_regions(height, width, cpu))
+    def regions(self, height: int, width: int, *, cpu: bool = False) -> list[Box]:
+        """Border regions for an input size, as `Box`es (filter index, output box r0, r1, c0, c1, input window and
+        padding, columns of the computed box to keep), in `REGIONS` order; regions the map lacks are left out.
+        `cpu`: never compute a box 1 output column wide with a stride > 1 (see `_boxes`)."""
+        return self._region_cache.lookup((height, width, cpu), lambda: self._boxes(height, width, cpu, False))
 
-    def _find_regions(self, height: int, width: int, cpu: bool) -> list[tuple]:
+    def plan(self, height: int, width: int, *, cpu: bool = False) -> EdgePlan:
+        """How the layer computes an input of this size (cached per size, device kind and `strategy`)."""
+        key = (height, width, cpu, self.strategy)
+        return self._plan_cache.lookup(key, lambda: self._find_plan(height, width, cpu))
+
+    def _find_plan(self, height: int, width: int, cpu: bool) -> EdgePlan:
+        rows, cols = conv_plans(self, height, width)
+        border = self._boxes(height, width, cpu, False)
+        (h0, h1), (w0, w1) = rows.spans[1], cols.spans[1]
+        share = 1 - (h1 - h0) * (w1 - w0) / (rows.out * cols.out)
+        strategy = self.strategy
+        if strategy == "auto":
+            if share <= STRIPS_MAX_BORDER_SHARE:
+                strategy = "strips"
+            else:
+                strategy = "boxes"
+                if self.weight.numel() >= GEMM_BORDER_MIN_WEIGHTS:
+                    strategy = "gemm" if rows.out * cols.out <= GEMM_ALL_MAX_OUTPUTS else "hybrid"
+        if strategy == "strips":
+            # The plain conv over the whole map, with the layer's own padding, then the border boxes over it.
+            ilo, ihi, pt, pb = rows.window(0, rows.out)
+            jlo, jhi, pl, pr = cols.window(0, cols.out)
+            whole = Box(INTERIOR, (0, rows.out, 0, cols.out), (ilo, ihi, jlo, jhi, pl, pr, pt, pb), (0, cols.out))
+            boxes, gemm = (whole, *border), (False,) * (1 + len(border))
+        else:
+            # The interior box first: it is the largest, and the output takes its memory format. Boxes computed
+            # as matrix products run no oneDNN convolution and need no CPU workaround.
+            interior = self._boxes(height, width, cpu and strategy != "gemm", True)
+            if strategy != "boxes":
+                border = self._boxes(height, width, False, False)
+            boxes = (*interior, *border)
+            gemm = (strategy == "gemm",) * len(interior) + (strategy != "boxes",) * len(border)
+        return EdgePlan(strategy, boxes, (rows.out, cols.out), gemm)
+
+    def _boxes(self, height: int, width: int, cpu: bool, interior: bool) -> tuple[Box, ...]:
+        """The border boxes in `REGIONS` order, or (`interior`) the interior box alone (if the map has one)."""
         rows, cols = conv_plans(self, height, width)
         row_spans, col_spans = rows.spans, cols.spans
         boxes = []
-        cells = [(v, h) for v in range(3) for h in range(3) if (v, h) != (1, 1)]  # REGIONS order; (1, 1) = interior
+        # REGIONS order; (1, 1) = interior
+        cells = [(1, 1)] if interior else [(v, h) for v in range(3) for h in range(3) if (v, h) != (1, 1)]
         for index, (v, h) in enumerate(cells):
             (r0, r1), (c0, c1) = row_spans[v], col_spans[h]
             if r1 > r0 and c1 > c0:
                 # oneDNN's CPU bf16/fp16 convolution (torch 2.14, seen on Intel Xeon) returns garbage for a stride > 1
                 # and an output one column wide and 5+ rows high: exactly a left/right strip of a strided layer. Such
-                # a strip is computed one column wider (into the neighbouring region) and the extra column dropped.
+                # a box is computed one column wider (into the neighbouring region) and the extra column dropped.
                 b0, b1 = c0, c1
                 if cpu and c1 - c0 == 1 and cols.stride > 1 and cols.out > 1:
                     b0, b1 = (c0, c1 + 1) if c1 < cols.out else (c0 - 1, c1)
                 ilo, ihi, pt, pb = rows.window(r0, r1)
                 jlo, jhi, pl, pr = cols.window(b0, b1)
-                boxes.append((index, (r0, r1, c0, c1), (ilo, ihi, jlo, jhi, pl, pr, pt, pb), (c0 - b0, c1 - b0)))
-        return boxes
+                boxes.append(
+                    Box(
+                        INTERIOR if interior else index,
+                        (r0, r1, c0, c1),
+                        (ilo, ihi, jlo, jhi, pl, pr, pt, pb),
+                        (c0 - b0, c1 - b0),
+                    )
+                )
+        return tuple(boxes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._conv_forward(x, self.weight, self.bias)
         if self.region_weight is None:
-            return out
-        # One split, not one narrow per region: the backward of split assembles a single gradient for region_weight.
-        filters = self.region_weight.split(self.out_channels)
-        biases = [None] * len(REGIONS) if self.region_bias is None else self.region_bias.split(self.out_channels)
-        boxes = self.regions(x.shape[-2], x.shape[-1], cpu=x.device.type == "cpu")
-        for index, (r0, r1, c0, c1), (ilo, ihi, jlo, jhi, pl, pr, pt, pb), (k0, k1) in boxes:
-            patch = F.pad(x[:, :, ilo:ihi, jlo:jhi], (pl, pr, pt, pb))
-            region = F.conv2d(patch, filters[index], biases[index], self.stride, 0, self.dilation, self.groups)
-            # The interior conv's backward does not need its output, so overwriting the strips is autograd-safe.
-            out[:, :, r0:r1, c0:c1] = region[..., k0:k1]
+            return self._conv_forward(x, self.weight, self.bias)
+        plan = self.plan(x.shape[-2], x.shape[-1], cpu=x.device.type == "cpu")
+        tensors = (x, self.weight, self.bias, self.region_weight, self.region_bias)
+        geometry = (self.stride, self.dilation, self.groups, sum(side_padding(self), ()))
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # Autocast does not reach into an autograd.Function: the node casts its arguments itself, as autocast
+            # casts a conv's, and runs without it.
+            with torch.autocast(device, enabled=False):
+                return _EdgeConv.apply(*tensors, plan, geometry, torch.get_autocast_dtype(device))
+        return _EdgeConv.apply(*tensors, plan, geometry, None)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """`t` in `dtype` where autocast would cast it (fp32, fp16 and bf16 tensors; not fp64 ones)."""
+    if dtype is None or t is None or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return t
+    return t.to(dtype)
+
+
+def _box_input(x: torch.Tensor, window: tuple) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int, int, int]]:
+    """The input of a box's conv: the slice of `x`, the conv's own (symmetric) padding, and the rest of the padding
+    (left, right, top, bottom) applied with F.pad (a copy, but of a thin strip, or of nothing at all)."""
+    ilo, ihi, jlo, jhi, pl, pr, pt, pb = window
+    inp = x[:, :, ilo:ihi, jlo:jhi]
+    sym_h, sym_w = min(pt, pb), min(pl, pr)
+    extra = (pl - sym_w, pr - sym_w, pt - sym_h, pb - sym_h)
+    if any(extra):
+        inp = F.pad(inp, extra)
+    return inp, (sym_h, sym_w), extra
+
+
+def _filter(index: int, weight: torch.Tensor, region: torch.Tensor | None, channels: int) -> torch.Tensor | None:
+    if index == INTERIOR or region is None:
+        return weight if index == INTERIOR else None
+    return region.narrow(0, index * channels, channels)
+
+
+def _conv_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The memory format of a plain conv's output: channels_last when the input or the weight is (as oneDNN and
+    cuDNN choose)."""
+    cl = torch.channels_last
+    if any(t.is_contiguous(memory_format=cl) and not t.is_contiguous() for t in (x, weight)):
+        return cl
+    return torch.contiguous_format
+
+
+def _columns(inp: torch.Tensor, kernel, padding, stride, dilation, groups: int) -> tuple[torch.Tensor, int, int]:
+    """im2col of a box's input as GEMM operands (groups, rows per group, positions * batch), and the box's output
+    height and width. The batch goes into the GEMM's columns, so that even a corner of one position is a matrix
+    product rather than one matrix-vector product per image."""
+    cols = F.unfold(inp, kernel, dilation, padding, stride)
+    height = (inp.shape[2] + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    width = cols.shape[2] // height
+    return cols.permute(1, 2, 0).reshape(groups, cols.shape[1] // groups, -1), height, width
+
+
+def _gemm_box(inp, w, b, padding, stride, dilation, groups: int) -> torch.Tensor:
+    """A box's conv as one matrix product of its filter and the box's im2col columns: (N, out channels, h, w)."""
+    a, height, width = _columns(inp, w.shape[2:], padding, stride, dilation, groups)
+    wg = w.reshape(groups, w.shape[0] // groups, -1)
+    y = torch.bmm(wg, a) if b is None else torch.baddbmm(b.view(groups, -1, 1), wg, a)
+    return y.view(w.shape[0], height, width, inp.shape[0]).permute(3, 0, 1, 2)
+
+
+def _gemm_box_backward(grad, inp, w, padding, stride, dilation, groups: int, mask, weight_out):
+    """Gradients of `_gemm_box` w.r.t. its input, filter (written into `weight_out` when given) and bias."""
+    channels = w.shape[0]
+    g = grad.permute(1, 2, 3, 0).reshape(groups, channels // groups, -1)
+    gi = gw = gb = None
+    if mask[0]:
+        wg = w.reshape(groups, channels // groups, -1)
+        # g^T W rather than W^T g: the filter is read in its own row-major order (about twice as fast on CPU for
+        # the thin products of border boxes, whose cost is reading the filter).
+        cols = torch.bmm(g.transpose(1, 2), wg)  # (groups, positions * batch, rows per group)
+        cols = cols.view(groups, grad.shape[2] * grad.shape[3], grad.shape[0], -1).permute(2, 0, 3, 1)
+        gi = F.fold(
+            cols.reshape(grad.shape[0], -1, cols.shape[-1]), inp.shape[2:], w.shape[2:], dilation, padding, stride
+        )
+    if mask[1]:
+        a, _, _ = _columns(inp, w.shape[2:], padding, stride, dilation, groups)
+        if weight_out is not None and weight_out.is_contiguous():
+            gw = torch.bmm(g, a.transpose(1, 2), out=weight_out.view(groups, channels // groups, -1))
+            gw = weight_out
+        else:
+            gw = torch.bmm(g, a.transpose(1, 2)).view(w.shape)
+    if mask[2]:
+        gb = g.sum(2).view(channels)
+    return gi, gw, gb
+
+
+class _EdgeConv(torch.autograd.Function):
+    """All boxes of a plan as one autograd node: it saves the input and the filters only (as a plain conv does),
+    and its backward adds every box's input gradient into one buffer instead of a full-size gradient per slice."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, region_weight, region_bias, plan: EdgePlan, geometry: tuple, dtype):
+        # Under autocast the node keeps the parameters themselves and casts them again in backward: saving the
+        # casts would keep a low-precision copy of all 9 filters per layer until backward.
+        ctx.save_for_backward(_cast(x, dtype), weight, region_weight)
+        ctx.plan, ctx.geometry, ctx.has_bias, ctx.dtype = plan, geometry, bias is not None, dtype
+        ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias, region_weight, region_bias)]
+        x, weight, bias, region_weight, region_bias = (
+            _cast(t, dtype) for t in (x, weight, bias, region_weight, region_bias)
+        )
+        stride, dilation, groups, _ = geometry
+        channels = weight.shape[0]
+        out = None
+        for box, gemm in zip(plan.boxes, plan.gemm, strict=True):
+            inp, padding, _ = _box_input(x, box.window)
+            w = _filter(box.index, weight, region_weight, channels)
+            b = _filter(box.index, bias, region_bias, channels) if bias is not None else None
+            if gemm:
+                y = _gemm_box(inp, w, b, padding, stride, dilation, groups)
+            else:
+                y = F.conv2d(inp, w, b, stride, padding, dilation, groups)
+            r0, r1, c0, c1 = box.out
+            k0, k1 = box.keep
+            if out is None:
+                if plan.strategy == "strips":
+                    out = y  # the plain conv over the whole map; the border boxes overwrite their part of it
+                    continue
+                shape = (y.shape[0], y.shape[1], *plan.out_size)
+                out = torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=_conv_format(x, weight))
+            out[:, :, r0:r1, c0:c1] = y[..., k0:k1]
         return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, region_weight = (_cast(t, ctx.dtype) for t in ctx.saved_tensors)
+        grad_out = _cast(grad_out, ctx.dtype)
+        plan, (stride, dilation, groups, _) = ctx.plan, ctx.geometry
+        need_x, need_w, need_b, need_rw, need_rb = ctx.needs_input_grad[:5]
+        channels = weight.shape[0]
+        gx = gw = gb = None
+        grw, grb = _region_grads(plan, region_weight, grad_out, need_rw, need_rb)
+        boxes = plan.boxes
+        grad_whole = None
+        if plan.strategy == "strips":
+            # The whole-map conv's outputs on the border were overwritten: their gradient is zero.
+            grad_whole = grad_out.clone()
+            for box in boxes[1:]:
+                r0, r1, c0, c1 = box.out
+                grad_whole[:, :, r0:r1, c0:c1] = 0
+        for i, (box, gemm) in enumerate(zip(boxes, plan.gemm, strict=True)):
+            interior = box.index == INTERIOR
+            inp, padding, (el, er, et, eb) = _box_input(x, box.window)
+            if grad_whole is not None and i == 0:
+                grad = grad_whole
+            else:
+                r0, r1, c0, c1 = box.out
+                k0, k1 = box.keep
+                grad = grad_out[:, :, r0:r1, c0:c1]
+                computed = _computed_width(box, stride[1], dilation[1], weight.shape[3])
+                if (k0, k1) != (0, computed):  # the CPU workaround's extra column: its gradient is zero
+                    grad = F.pad(grad, (k0, computed - k1))
+            w = _filter(box.index, weight, region_weight, channels)
+            mask = [need_x, need_w if interior else need_rw, (need_b if interior else need_rb) and ctx.has_bias]
+            if not any(mask):
+                continue
+            rows = slice(box.index * channels, (box.index + 1) * channels)
+            target = None if interior or grw is None else grw[rows]
+            if gemm:
+                gi, gwi, gbi = _gemm_box_backward(grad, inp, w, padding, stride, dilation, groups, mask, target)
+            else:
+                bias_sizes = [channels] if mask[2] else None
+                gi, gwi, gbi = torch.ops.aten.convolution_backward(
+                    grad, inp, w, bias_sizes, stride, padding, dilation, False, (0, 0), groups, mask
+                )
+            if need_x:
+                ilo, ihi, jlo, jhi = box.window[:4]
+                gi = gi[:, :, et : gi.shape[2] - eb, el : gi.shape[3] - er]
+                if gx is None and (ilo, ihi, jlo, jhi) == (0, x.shape[2], 0, x.shape[3]):
+                    gx = gi
+                else:
+                    if gx is None:
+                        gx = torch.zeros_like(x)
+                    gx[:, :, ilo:ihi, jlo:jhi] += gi
+            if interior:
+                gw, gb = gwi, gbi
+            else:
+                if gwi is not None and gwi is not target:
+                    grw[rows] = gwi
+                if gbi is not None:
+                    grb[rows] = gbi
+        if need_x and gx is None:
+            gx = torch.zeros_like(x)
+        # A map without interior leaves `weight` and `bias` unused: their gradients are zero.
+        if need_w and gw is None:
+            gw = torch.zeros_like(weight)
+        if need_b and gb is None:
+            gb = grad_out.new_zeros(channels)
+        grads = (gx, gw, gb, grw, grb)
+        grads = tuple(g if g is None or g.dtype == d else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True))
+        return (*grads, None, None, None)
+
+
+def _computed_width(box: Box, stride: int, dilation: int, kernel: int) -> int:
+    """Output columns of a box's conv (the CPU workaround computes one more than the box keeps)."""
+    _, _, jlo, jhi, pl, pr, _, _ = box.window
+    return (jhi - jlo + pl + pr - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _region_grads(plan: EdgePlan, region_weight, grad_out, need_weight: bool, need_bias: bool) -> tuple:
+    """Gradient buffers of `region_weight` and `region_bias`: every present region overwrites its own rows, so
+    only the regions this map lacks are zero-filled (the buffer is 8 filters: filling it all would cost as much as
+    writing it)."""
+    present = {box.index for box in plan.boxes}
+    missing = [i for i in range(len(REGIONS)) if i not in present]
+    channels = region_weight.shape[0] // len(REGIONS)
+    grw = grb = None
+    if need_weight:
+        grw = torch.empty_like(region_weight)
+        for i in missing:
+            grw[i * channels : (i + 1) * channels] = 0
+    if need_bias:
+        grb = grad_out.new_empty(region_weight.shape[0])
+        for i in missing:
+            grb[i * channels : (i + 1) * channels] = 0
+    return grw, grb

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from convs import REGIONS, EdgeConv2d
+from convs.edge import INTERIOR
+from convs.geometry import side_padding
 
 SHAPE = (2, 13, 11)
 
@@ -170,3 +172,157 @@ def test_from_conv_random_gives_each_region_a_fresh_filter(geometry):
 def test_from_conv_rejects_an_unknown_start():
     with pytest.raises(ValueError, match=r"Invalid start 'fresh' for EdgeConv2d.from_conv. Only 'copy'.*'random'"):
         EdgeConv2d.from_conv(torch.nn.Conv2d(3, 3, 3, padding=1), start="fresh")
+
+
+def per_position_reference(layer, x):
+    """Edge conv one output position at a time: the region is read off the position's own window (a window that
+    leaves both sides counts as leaving the first), and that region's filter and bias take the zero-padded window."""
+    (pt, pb), (pl, pr) = side_padding(layer)
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    h, w = x.shape[-2:]
+    xp = F.pad(x, (pl, pr, pt, pb))
+    out_h = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    rows = []
+    for i in range(out_h):
+        top, bottom = i * sh - pt, i * sh - pt + (kh - 1) * dh
+        vertical = "top" if top < 0 else "bottom" if bottom >= h else ""
+        cols = []
+        for j in range(out_w):
+            left, right = j * sw - pl, j * sw - pl + (kw - 1) * dw
+            horizontal = "left" if left < 0 else "right" if right >= w else ""
+            name = "_".join(part for part in (vertical, horizontal) if part)
+            if name:
+                weight, bias = layer.region_filter(REGIONS.index(name)), layer.region_bias_of(REGIONS.index(name))
+            else:
+                weight, bias = layer.weight, layer.bias
+            window = xp[:, :, i * sh : i * sh + (kh - 1) * dh + 1, j * sw : j * sw + (kw - 1) * dw + 1]
+            cols.append(F.conv2d(window, weight, bias, 1, 0, (dh, dw), layer.groups))
+        rows.append(torch.cat(cols, dim=3))
+    return torch.cat(rows, dim=2)
+
+
+def assert_matches_per_position(layer, x):
+    """Output and the gradients of input, weight, bias, region_weight and region_bias, in float64."""
+    x = x.double().requires_grad_(True)
+    layer = layer.double()
+    out = layer(x)
+    ref = per_position_reference(layer, x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    weights = torch.randn_like(ref)  # a loss that weighs every output differently
+    params = [x] + [p for p in layer.parameters()]
+    grads = torch.autograd.grad((out * weights).sum(), params)
+    # A map without interior (or without some region) leaves that filter unused: its gradient is zero.
+    grads_ref = torch.autograd.grad((ref * weights).sum(), params, materialize_grads=True)
+    names = ["input"] + [name for name, _ in layer.named_parameters()]
+    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("strategy", ["auto", "strips", "boxes", "hybrid", "gemm"])
+def test_every_strategy_matches_the_per_position_reference(geometry, strategy):
+    layer = EdgeConv2d(**geometry)
+    layer.strategy = strategy
+    assert_matches_per_position(layer, torch.randn(SHAPE[0], geometry["in_channels"], *SHAPE[1:]))
+
+
+# (kernel, stride, padding, dilation, groups, input height, width): maps smaller than the dilation (every output is
+# a border one), maps with only some regions (one output row or column, no interior), rectangular kernels and
+# maps, strides that skip the last pixels, and padding wider than the kernel reach.
+SMALL_MAPS = [
+    (3, 1, 4, 4, 1, 3, 2),  # all outputs in the border, strips overlap
+    (3, 1, 6, 6, 1, 4, 8),  # ASPP on a 4 x 8 map: as the segmentation model's rate 6
+    (3, 1, 2, 2, 1, 4, 8),
+    (3, 2, 2, 2, 1, 7, 9),
+    (3, 1, 1, 1, 1, 1, 5),  # one output row: top regions only
+    (3, 1, 1, 1, 1, 5, 1),  # one output column: left regions only
+    (3, 1, 1, 1, 1, 2, 2),  # corners only
+    (3, 2, 1, 1, 1, 2, 6),
+    ((5, 3), 1, (2, 1), 1, 1, 3, 4),
+    ((3, 5), 2, (1, 2), (2, 1), 2, 6, 5),
+    (3, 2, 1, 1, 1, 15, 16),  # stride 2: one-column border boxes (the CPU workaround), no bottom or right strip
+    (7, 2, 3, 1, 1, 12, 10),
+    (3, 1, 3, 1, 1, 4, 5),  # padding wider than the kernel reach: windows entirely in the padding
+]
+
+
+@pytest.mark.parametrize("strategy", ["auto", "strips", "boxes", "hybrid", "gemm"])
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "groups", "height", "width"), SMALL_MAPS)
+def test_small_dilated_and_partial_maps_match_the_per_position_reference(
+    kernel, stride, padding, dilation, groups, height, width, strategy
+):
+    layer = EdgeConv2d(4, 6, kernel, stride, padding, dilation, groups)
+    layer.strategy = strategy
+    assert_matches_per_position(layer, torch.randn(2, 4, height, width))
+
+
+def test_auto_plan_per_size_and_filter_bank():
+    """Auto plans: strips only for a thin frame; else every box once, as matrix products where filters are big."""
+    layer = EdgeConv2d(2, 2, 3, padding=1)
+    thin = layer.plan(256, 256)  # 1.6% of the outputs are border ones
+    assert thin.strategy == "strips" and thin.boxes[0].out == (0, 256, 0, 256)  # the plain conv, then 8 strips
+    assert [box.index for box in thin.boxes[1:]] == list(range(len(REGIONS))) and not any(thin.gemm)
+    small = layer.plan(7, 7)  # 24 of 49 outputs are border ones; a small filter bank: oneDNN convs per box
+    assert small.strategy == "boxes" and not any(small.gemm)
+    assert sorted((r1 - r0) * (c1 - c0) for _, (r0, r1, c0, c1), _, _ in small.boxes) == [1] * 4 + [5] * 4 + [25]
+    dilated = EdgeConv2d(2, 2, 3, padding=6, dilation=6).plan(4, 8)  # ASPP: no interior, each output once
+    assert dilated.strategy == "boxes" and INTERIOR not in [box.index for box in dilated.boxes]
+    assert sum((r1 - r0) * (c1 - c0) for _, (r0, r1, c0, c1), _, _ in dilated.boxes) == 4 * 8
+    big = EdgeConv2d(256, 256, 3, padding=1).plan(14, 14)  # ResNet50's layer3: border boxes as matrix products
+    assert big.strategy == "hybrid" and big.boxes[0].index == INTERIOR
+    assert big.gemm == (False,) + (True,) * len(REGIONS)
+    tiny = EdgeConv2d(256, 256, 3, padding=1).plan(7, 7)  # a few dozen outputs: the interior as a product too
+    assert tiny.strategy == "gemm" and all(tiny.gemm)
+    assert layer.plan(256, 256) is thin
+
+
+@pytest.mark.parametrize("strategy", ["strips", "boxes", "hybrid", "gemm"])
+def test_output_memory_format_is_a_plain_convs(strategy):
+    layer = EdgeConv2d(4, 6, 3, padding=1).to(memory_format=torch.channels_last)
+    layer.strategy = strategy
+    x = torch.randn(2, 4, 9, 10).to(memory_format=torch.channels_last)
+    plain = F.conv2d(x, layer.weight, layer.bias, 1, 1)
+    out = layer(x)
+    assert out.is_contiguous(memory_format=torch.channels_last) == plain.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    assert out.is_contiguous() == plain.is_contiguous()
+    layer = layer.to(memory_format=torch.contiguous_format)
+    assert layer(x.contiguous()).is_contiguous()
+
+
+@pytest.mark.parametrize("strategy", ["strips", "boxes", "hybrid", "gemm"])
+def test_bf16_autocast_matches_fp32(strategy):
+    layer = EdgeConv2d(8, 8, 3, stride=2, padding=2, dilation=2)
+    layer.strategy = strategy
+    x = torch.randn(2, 8, 20, 22, requires_grad=True)
+    ref = layer(x)
+    (gx_ref,) = torch.autograd.grad(ref.sum(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    gx, gw = torch.autograd.grad(out.float().sum(), [x, layer.region_weight])
+    assert gx.dtype == torch.float32 and gw.dtype == torch.float32
+    torch.testing.assert_close(gx, gx_ref, rtol=0.05, atol=0.05)
+
+
+def saved_storages(layer, x) -> set[int]:
+    """Storages of the tensors autograd keeps for the backward of `layer(x)`, parameters left out."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    return {t.untyped_storage().data_ptr() for t in saved} - params
+
+
+@pytest.mark.parametrize("strategy", ["strips", "boxes", "hybrid", "gemm"])
+def test_saves_only_the_input_and_the_filters(strategy):
+    """One autograd node that keeps what a plain conv keeps: no strips, patches, columns or padded copies."""
+    layer = EdgeConv2d(4, 6, 3, padding=2, dilation=2)
+    layer.strategy = strategy
+    x = torch.randn(2, 4, 9, 10, requires_grad=True)
+    assert saved_storages(layer, x) == {x.untyped_storage().data_ptr()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the bf16 input only: no bf16 copy of the 9 filters
+        saved = saved_storages(layer, x)
+    assert len(saved) == 1 and x.untyped_storage().data_ptr() not in saved
