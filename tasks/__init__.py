@@ -14,14 +14,15 @@ from .data import LayoutError, default_cache_dir, ensure_synthetic, sharded_load
 from .evaluation import ClassTable, ConfusionMatrix, Evaluation
 from .preset import Preset, PresetError
 
-# name: its package. Imported on first use: a Ray Train worker of a classification trial never pays for the hotels
-# task's imports (pytorch-metric-learning, scipy, faiss), and every worker process of every trial starts afresh.
-TASKS: dict[str, str] = {
-    "classification": "tasks.classification",
-    "segmentation": "tasks.segmentation",
-    "hotels": "tasks.hotels",
+# name: (its package, its Task class). Imported on first use: a Ray Train worker of a classification trial never pays
+# for the hotels task's imports (pytorch-metric-learning, scipy, faiss), and every worker process of every trial
+# starts afresh.
+TASKS: dict[str, tuple[str, str]] = {
+    "classification": ("tasks.classification", "ClassificationTask"),
+    "segmentation": ("tasks.segmentation", "SegmentationTask"),
+    "hotels": ("tasks.hotels", "HotelsTask"),
 }
-_CLASSES = {  # what `from tasks import X` finds in a task's package
+_LAZY = {  # what `from tasks import X` finds in a task's package: X -> the task
     "ClassificationTask": "classification",
     "ClassificationPreset": "classification",
     "SegmentationTask": "segmentation",
@@ -29,19 +30,19 @@ _CLASSES = {  # what `from tasks import X` finds in a task's package
     "HotelsTask": "hotels",
     "HotelsPreset": "hotels",
 }
-_TASK_CLASSES = {"classification": "ClassificationTask", "segmentation": "SegmentationTask", "hotels": "HotelsTask"}
 
 
 def get_task(name: str) -> Task:
     """An instance of the task registered under `name` (its package imported now, if it was not yet)."""
     if name not in TASKS:
         raise ValueError(f"Unknown task {name!r}. Known tasks: {', '.join(sorted(TASKS))}.")
-    return getattr(importlib.import_module(TASKS[name]), _TASK_CLASSES[name])()
+    package, cls = TASKS[name]
+    return getattr(importlib.import_module(package), cls)()
 
 
 def __getattr__(name: str) -> Any:
-    if name in _CLASSES:
-        return getattr(importlib.import_module(TASKS[_CLASSES[name]]), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(TASKS[_LAZY[name]][0]), name)
     raise AttributeError(f"module 'tasks' has no attribute {name!r}")
 
 
