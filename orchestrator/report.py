@@ -306,7 +306,7 @@ def class_tables(client: MlflowClient, results: list[tables.TrialResult], name: 
     for r in results:
         if r.status != "ok" or not r.run_id:
             continue
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory() as folder, tracking.without_progress_bars():
             try:
                 path = client.download_artifacts(r.run_id, f"{name}.csv", folder)
             except (MlflowException, OSError):

@@ -13,6 +13,7 @@ import functools
 import importlib.metadata
 import io
 import logging
+import os
 import re
 import tempfile
 import time
@@ -147,6 +148,22 @@ def get_tag(uri: str, run_id: str, key: str) -> str | None:
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(uri).set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def without_progress_bars() -> Iterator[None]:
+    """No MLflow "Downloading artifacts" progress bar on the terminal while inside (MLflow reads the switch at each
+    download): the report reads a file per trial, and every trial loads its MLflow model back to check it."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def search_all_runs(
@@ -361,7 +378,8 @@ class MlflowTracker:
     def _log_model(
         self, net: nn.Module, weights: nn.Module, best_checkpoint: Path, inputs: Any, tags: dict[str, str]
     ) -> str:
-        with tempfile.TemporaryDirectory(prefix="best-model-") as tmp:
+        # Loading the model back (and the checkpoint, on a resumed trial) counts as downloading artifacts.
+        with tempfile.TemporaryDirectory(prefix="best-model-") as tmp, without_progress_bars():
             if not best_checkpoint.is_file():
                 best_checkpoint = Path(
                     self.client.download_artifacts(self.run_id, f"checkpoints/{best_checkpoint.name}", tmp)

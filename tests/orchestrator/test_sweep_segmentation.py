@@ -32,6 +32,10 @@ def test_every_variant_learns_and_the_table_shows_the_three_modes(ray_session, t
     args = ["--task", "segmentation", "--preset", "smoke", "--epochs", "3", "--seeds", "1", "--variants", *VARIANTS]
     args += ["--storage", str(tmp_path / "sweeps"), "--tracking-uri", uri, "--name", "seg"]
     results = sweep.main(args)
+    captured = capsys.readouterr()
+    sweep_out = captured.out
+    # the report reads every trial's per-class table, and each trial loads its model back: no progress bars
+    assert "Downloading artifacts" not in captured.err
     assert sorted((r.variant, r.seed, r.status) for r in results) == sorted((v, 0, "ok") for v in VARIANTS)
     task = get_task("segmentation")
     root = ensure_synthetic(task, task.presets["smoke"], default_cache_dir())
@@ -65,5 +69,5 @@ def test_every_variant_learns_and_the_table_shows_the_three_modes(ray_session, t
     modes = ("miou", "miou_tile", "miou_tile_overlap")
     assert [row["metric"] for row in ours[::5]] == [*(f"best/{m}" for m in modes), "last5/miou"]
     assert all(row["n"] == "1/1" for row in ours) and all(row["p"] == "" for row in ours)
-    out = capsys.readouterr().out
+    out = sweep_out + capsys.readouterr().out
     assert "no test possible: fewer than 2 finished seeds" in out
