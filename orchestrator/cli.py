@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import NoReturn
 
 PROJECT_LOGGERS = ("convs", "tasks", "orchestrator", "benchmarks")
@@ -56,3 +58,17 @@ def setup_logging(level: int = logging.INFO) -> None:
             handler._project = True  # type: ignore[attr-defined]
             logger.addHandler(handler)
         logger.propagate = False
+
+
+@contextlib.contextmanager
+def temporary_env(key: str, value: str) -> Iterator[None]:
+    """`os.environ[key] = value` inside the block, the previous value (or none) restored after it."""
+    before = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before

@@ -13,10 +13,10 @@ The steps, each a function below: `plan` (every argument checked, no side effect
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
-import os
 import socket
 import sys
 import time
@@ -32,7 +32,7 @@ from tasks import LayoutError, Preset, default_cache_dir, ensure_synthetic
 from tasks.data import loader_workers_per_gpu
 
 from . import report, storage, tables, tracking, weights
-from .cli import ArgumentParser, CliError, default_tracking_uri, setup_logging
+from .cli import ArgumentParser, CliError, default_tracking_uri, setup_logging, temporary_env
 from .config import SweepSettings
 from .loop import FAILURE_KEY
 
@@ -715,17 +715,13 @@ def fit(tuner, *, verbose: bool = True) -> Any:
     hint = _HideRestoreHint()
     tune_logger = logging.getLogger("ray.tune.tune")
     tune_logger.addFilter(hint)
-    engine = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    if not verbose:
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # read by Tune when the fit starts, in this process only
+    # RAY_AIR_NEW_OUTPUT is read by Tune when the fit starts, in this process only
+    engine = contextlib.nullcontext() if verbose else temporary_env("RAY_AIR_NEW_OUTPUT", "0")
     try:
-        return tuner.fit()
+        with engine:
+            return tuner.fit()
     finally:
         tune_logger.removeFilter(hint)
-        if engine is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = engine
 
 
 def collect_results(grid, p: Plan) -> list[tables.TrialResult]:

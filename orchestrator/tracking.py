@@ -13,7 +13,6 @@ import functools
 import importlib.metadata
 import io
 import logging
-import os
 import re
 import tempfile
 import time
@@ -34,6 +33,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from torch import nn
+
+from .cli import temporary_env
 
 if TYPE_CHECKING:
     from tasks import ClassTable, ConfusionMatrix, Evaluation
@@ -154,16 +155,8 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 def without_progress_bars() -> Iterator[None]:
     """No MLflow "Downloading artifacts" progress bar on the terminal while inside (MLflow reads the switch at each
     download): the report reads a file per trial, and every trial loads its MLflow model back to check it."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
+    with temporary_env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
         yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
 
 
 def search_all_runs(
