@@ -41,6 +41,12 @@ def dilate_basic_blocks(net: ResNet, flags: list[bool]) -> None:
                 conv.dilation, conv.padding = (d, d), (d, d)
 
 
+def _out_channels(layer: nn.Sequential) -> int:
+    """Channels a ResNet stage puts out (its last block's last conv: conv3 in a Bottleneck, conv2 in a BasicBlock)."""
+    block = layer[-1]
+    return (block.conv3 if hasattr(block, "conv3") else block.conv2).out_channels
+
+
 def build_backbone(name: str, output_stride: int) -> ResNet:
     """An untrained torchvision ResNet whose last stages trade stride for dilation (DeepLab's output stride).
 
@@ -66,7 +72,13 @@ def build_backbone(name: str, output_stride: int) -> ResNet:
 
 class DeepLabV3Plus(nn.Module):
     """DeepLabV3+ (Chen et al. 2018): a dilated torchvision ResNet encoder, ASPP, and a decoder that merges the
-    stride-4 low-level features. `output_stride` 8 dilates the last two stages, 16 the last one (`build_backbone`)."""
+    stride-4 low-level features. `output_stride` 8 dilates the last two stages, 16 the last one (`build_backbone`).
+
+    `stages` 3 or 2 ends the encoder after layer3 or layer2 (ASPP on that stage's features): for a laptop demo,
+    where layer3 and layer4 hold 96% of a ResNet18's weights and, converted to edge convolutions (nine filter
+    banks each), most of the training time and of the checkpoint size. Layer2 puts out stride 8, so `stages` 2
+    needs `output_stride` 8; `stages` 3 keeps the output stride (16 or 8).
+    """
 
     def __init__(
         self,
@@ -78,15 +90,23 @@ class DeepLabV3Plus(nn.Module):
         aspp_channels: int = 256,
         low_level_channels: int = 48,
         decoder_channels: int = 256,
+        stages: int = 4,
     ) -> None:
         super().__init__()
+        if stages not in (2, 3, 4):
+            raise ValueError(
+                f"stages must be 2, 3 (end after layer2 or layer3) or 4 (the whole ResNet), got {stages!r}"
+            )
+        if stages == 2 and output_stride != 8:
+            raise ValueError(
+                f"stages=2 ends at layer2, whose output stride is 8: set output_stride=8, not {output_stride}"
+            )
         net = build_backbone(backbone, output_stride)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        low_in = (
-            net.layer1[-1].conv3.out_channels if hasattr(net.layer1[-1], "conv3") else net.layer1[-1].conv2.out_channels
-        )
-        high_in = net.fc.in_features
+        kept = [net.layer1, net.layer2, net.layer3, net.layer4][:stages]
+        # A stage left out is an Identity: no weights, so the state dict has none of its keys.
+        self.layer1, self.layer2, self.layer3, self.layer4 = kept + [nn.Identity()] * (4 - stages)
+        low_in, high_in = _out_channels(net.layer1), _out_channels(kept[-1])
         self.aspp = ASPP(high_in, list(aspp_rates), aspp_channels)
         self.low_level = nn.Sequential(
             nn.Conv2d(low_in, low_level_channels, 1, bias=False), nn.BatchNorm2d(low_level_channels), nn.ReLU(True)

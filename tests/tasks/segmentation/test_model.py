@@ -7,6 +7,7 @@ import torchvision
 from torch import nn
 
 import convs
+from tasks import get_task
 from tasks.segmentation import DeepLabV3Plus
 
 
@@ -72,3 +73,38 @@ def test_basic_block_backbones_follow_the_same_rule(output_stride):
     with torch.no_grad():
         features = model.layer4(model.layer3(model.layer2(model.layer1(model.stem(x)))))
     assert features.shape[-2:] == (64 // output_stride, 64 // output_stride)
+
+
+@pytest.mark.parametrize(
+    "backbone, stages, output_stride, high_channels, left_out",
+    [
+        ("resnet18", 3, 16, 256, {"layer4"}),
+        ("resnet50", 3, 16, 1024, {"layer4"}),
+        ("resnet18", 2, 8, 128, {"layer3", "layer4"}),
+    ],
+)
+def test_fewer_stages_end_the_encoder_early(backbone, stages, output_stride, high_channels, left_out):
+    """The cpu preset's lighter encoder: no weights of the stages left out, ASPP on the last kept stage's channels
+    at the output stride, the whole image out; pretrained backbone weights still load, the rest reported."""
+    options = dict(output_stride=output_stride, aspp_channels=16, decoder_channels=16)
+    full = DeepLabV3Plus(backbone, **options)
+    model = DeepLabV3Plus(backbone, **options, stages=stages)
+    state = model.state_dict()
+    assert not any(k.split(".")[0] in left_out for k in state)
+    assert {k for k in full.state_dict() if k.split(".")[0] not in left_out | {"aspp"}} <= set(state)
+    assert model.aspp.convs[0][0].in_channels == high_channels
+    with torch.no_grad():
+        high = model.layer4(model.layer3(model.layer2(model.layer1(model.stem(torch.randn(1, 3, 64, 128))))))
+        assert high.shape[1:] == (high_channels, 64 // output_stride, 128 // output_stride)
+        assert model(torch.randn(2, 3, 64, 128)).shape == (2, 19, 64, 128)
+    reference = getattr(torchvision.models, backbone)(weights=None).state_dict()
+    missing = get_task("segmentation").load_pretrained(model, reference)
+    assert {m.split(".")[0] for m in missing} == left_out | {"fc"}
+    assert torch.equal(model.layer2[0].conv1.weight, reference["layer2.0.conv1.weight"])
+
+
+def test_stages_are_checked():
+    with pytest.raises(ValueError, match="stages must be 2, 3"):
+        DeepLabV3Plus("resnet18", stages=1)
+    with pytest.raises(ValueError, match="set output_stride=8, not 16"):
+        DeepLabV3Plus("resnet18", stages=2, output_stride=16)
