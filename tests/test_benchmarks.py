@@ -2,10 +2,13 @@
 
 import re
 
+import pytest
+
 from benchmarks import convs as bench_convs
 from benchmarks import data as bench_data
 from benchmarks import retrieval as bench_retrieval
 from benchmarks import segmentation as bench_segmentation
+from orchestrator.cli import CliError
 
 
 def test_segmentation_benchmark_prints_both_tables(capsys):
@@ -15,6 +18,13 @@ def test_segmentation_benchmark_prints_both_tables(capsys):
     out = capsys.readouterr().out
     assert "| zero    |" in out and "| partial |" in out and "throughput vs zero" in out
     assert "tiles, 1/3 overlap" in out and "(1.00x)" in out
+    # The evaluation's batch is the preset's (cpu: 8 images), as the sweep's evaluation feeds the model
+    assert "Evaluation of 8 32 x 64 image(s) at once" in out
+
+
+def test_segmentation_benchmark_refuses_an_empty_evaluation_batch():
+    with pytest.raises(CliError, match="--eval-batch must be at least 1, got 0"):
+        bench_segmentation.main(["--device", "cpu", "--height", "32", "--eval-batch", "0", "--rounds", "1"])
 
 
 def test_convs_benchmark_prints_ratios(capsys):
