@@ -119,8 +119,15 @@ def test_a_converted_checkpoint_loads_every_tensor_into_its_own_variant_only(tmp
 def test_a_classifier_initialises_a_segmentation_backbone(tmp_path):
     source = perturbed_resnet18(num_classes=1000)
     task = get_task("segmentation")
-    model = task.build_model(task.presets["smoke"], num_classes=19)
+    smoke = task.presets["smoke"]
+    whole = smoke.updated(model_options={**smoke.model_options, "stages": 4, "output_stride": 16})
+    model = task.build_model(whole, num_classes=19)
     left_out = task.load_pretrained(model, source.state_dict())
     assert sorted(left_out) == ["fc.bias", "fc.weight"]
     torch.testing.assert_close(model.stem[0].weight, source.conv1.weight, rtol=0, atol=0)
     torch.testing.assert_close(model.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var, rtol=0, atol=0)
+    # The smoke and cpu presets' encoder ends after layer2: the rest of the classifier is reported, not loaded
+    model = task.build_model(smoke, num_classes=19)
+    left_out = task.load_pretrained(model, source.state_dict())
+    assert {name.split(".")[0] for name in left_out} == {"layer3", "layer4", "fc"}
+    torch.testing.assert_close(model.layer2[1].bn2.running_var, source.layer2[1].bn2.running_var, rtol=0, atol=0)
