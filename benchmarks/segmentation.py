@@ -4,7 +4,7 @@ three evaluation modes (whole image, tiles, tiles with 1/3 overlap) relative to 
     python -m benchmarks.segmentation [--device auto|cpu|cuda] [--preset cpu|thesis] [--batch N]
                                       [--eval-batch N] [--height PX] [--rounds N] [--variants NAME...]
 
-The model is the segmentation task's own (`--preset cpu`: ResNet18 backbone, small heads; `--preset thesis`:
+The model is the segmentation task's own (`--preset cpu`: layer1-2 of a ResNet18, small heads; `--preset thesis`:
 wide_resnet50_2, output stride 8, the default on a GPU). Training: one SGD step (forward, loss, backward,
 update) on a batch of 2:1 images, all variants interleaved round-robin so machine noise hits them alike;
 medians. Evaluation: `task.evaluate`'s code paths on a batch of the preset's `eval_batch_size` 2:1 images (what

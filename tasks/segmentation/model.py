@@ -75,7 +75,7 @@ class DeepLabV3Plus(nn.Module):
     stride-4 low-level features. `output_stride` 8 dilates the last two stages, 16 the last one (`build_backbone`).
 
     `stages` 3 or 2 ends the encoder after layer3 or layer2 (ASPP on that stage's features): for a laptop demo,
-    where layer3 and layer4 hold 96% of a ResNet18's weights and, converted to edge convolutions (nine filter
+    where layer3 and layer4 hold 94% of a ResNet18's weights and, converted to edge convolutions (nine filter
     banks each), most of the training time and of the checkpoint size. Layer2 puts out stride 8, so `stages` 2
     needs `output_stride` 8; `stages` 3 keeps the output stride (16 or 8).
     """
