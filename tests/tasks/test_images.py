@@ -5,6 +5,7 @@ tensors), a damaged one named with its reason and the fix, and the preset's choi
 import io
 import logging
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +44,14 @@ DAMAGE = {
 }
 
 
+def damaged_file(tmp_path: Path, damage: str) -> Path:
+    """A file of an ImageNet class folder holding the `DAMAGE[damage]` bytes."""
+    path = tmp_path / "n01440764" / "bad.JPEG"
+    path.parent.mkdir()
+    path.write_bytes(DAMAGE[damage]())
+    return path
+
+
 @pytest.mark.parametrize("fmt,mode", [("JPEG", "RGB"), ("PNG", "RGB"), ("PNG", "L")])
 def test_a_good_file_is_decoded_whole_and_outlives_its_file(tmp_path, fmt, mode):
     path = tmp_path / f"good.{fmt.lower()}"
@@ -58,9 +67,7 @@ def test_a_good_file_is_decoded_whole_and_outlives_its_file(tmp_path, fmt, mode)
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_file_raises_naming_the_file_the_reason_and_the_fix(tmp_path, damage):
-    path = tmp_path / "n01440764" / "bad.JPEG"
-    path.parent.mkdir()
-    path.write_bytes(DAMAGE[damage]())
+    path = damaged_file(tmp_path, damage)
     with pytest.raises(CorruptImageError) as error:
         open_image(path, "RGB")
     message = str(error.value)
@@ -188,9 +195,7 @@ def test_read_image_lets_pil_decode_what_torchvision_would_decode_otherwise(tmp_
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_read_image_raises_for_a_damaged_file_what_pil_raises(tmp_path, damage):
-    path = tmp_path / "n01440764" / "bad.JPEG"
-    path.parent.mkdir()
-    path.write_bytes(DAMAGE[damage]())
+    path = damaged_file(tmp_path, damage)
     with pytest.raises(CorruptImageError) as pil:
         open_image(path, "RGB")
     for mode in ("RGB", None):
