@@ -73,6 +73,21 @@ class SweepSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def in_function(self) -> bool:
+        """Whether each trial trains in its Tune function's process (Ray Train's local mode): a single worker on a
+        local Ray. Otherwise Train runs the trial's workers (DDP) in processes of their own."""
+        return self.local and self.workers_per_trial == 1
+
+    def function_resources(self) -> dict[str, float]:
+        """What a trial's Tune function asks of Ray: the worker's CPUs and GPUs when it trains itself; otherwise no
+        CPU (Train's workers take whole cores) and a token of memory, as a placement-group bundle needs a resource
+        (with 0.01 CPU, two trials on 2 CPUs would need 2.02 and the second's worker would wait for a core until
+        Train's 60 s start-up timeout)."""
+        if self.in_function:
+            return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {})}
+        return {"CPU": 0, "memory": 2**20}
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SweepSettings:
         """Read a dict written by `to_dict` of this or an older version; unknown keys are an error."""

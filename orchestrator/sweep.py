@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import socket
 import sys
 import time
@@ -651,10 +652,9 @@ def build_tuner(p: Plan, param_space: dict[str, Any], search_alg: Any, num_sampl
 
     from .trial import run_trial
 
-    # The Tune function only starts the TorchTrainer: it holds no CPU (just a token of memory, as a bundle needs a
-    # resource), so Train workers get whole cores. With 0.01 CPU, two trials on 2 CPUs would need 2.02 and the
-    # second trial's worker would wait for a core until Ray Train's 60 s start-up timeout.
-    trainable = ray.tune.with_resources(run_trial, {"CPU": 0, "memory": 2**20})
+    # Each trial's own settings decide what its Tune function holds (`SweepSettings.function_resources`): a resumed
+    # trial keeps the ones it started with.
+    trainable = ray.tune.with_resources(run_trial, function_resources)
     # p.path may be s3://bucket/prefix/name: Tune (here), Train (in each trial) and their restores resolve it through
     # pyarrow, which reads the endpoint (AWS_ENDPOINT_URL) and credentials from each process's environment, so no
     # storage_filesystem is passed (and none, with what it holds, is pickled into Tune's saved state).
@@ -686,18 +686,31 @@ def build_tuner(p: Plan, param_space: dict[str, Any], search_alg: Any, num_sampl
             name=p.name,
             storage_path=p.storage,
             failure_config=ray.tune.FailureConfig(max_failures=p.max_failures),
+            # Trials that train in their Tune function checkpoint to Tune: only the latest is needed to resume.
+            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1),
             verbose=verbose,
             callbacks=callbacks,
         ),
     )
 
 
+def function_resources(config: dict[str, Any]) -> Any:
+    """The placement group of a trial's Tune function, from the sweep settings in its config."""
+    import ray.tune
+
+    return ray.tune.PlacementGroupFactory([SweepSettings.from_dict(config[SweepSettings.KEY]).function_resources()])
+
+
 def output_settings(p: Plan) -> tuple[int, list]:
     """Tune's verbosity and callbacks: one line per trial event (`progress.TrialProgress`), and Tune's own tables
-    and boxes only with --verbose."""
+    and boxes only with --verbose; and the deletion of finished trials' Tune checkpoints (`DropFinishedCheckpoints`)."""
     from .progress import TrialProgress
+    from .trial import DropFinishedCheckpoints
 
-    return (2 if p.verbose else 0), [TrialProgress()]
+    return (2 if p.verbose else 0), [TrialProgress(), DropFinishedCheckpoints()]
+
+
+SNAPSHOT_WARNING = "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"
 
 
 class _HideRestoreHint(logging.Filter):
@@ -715,10 +728,16 @@ def fit(tuner, *, verbose: bool = True) -> Any:
     hint = _HideRestoreHint()
     tune_logger = logging.getLogger("ray.tune.tune")
     tune_logger.addFilter(hint)
-    # RAY_AIR_NEW_OUTPUT is read by Tune when the fit starts, in this process only
-    engine = contextlib.nullcontext() if verbose else temporary_env("RAY_AIR_NEW_OUTPUT", "0")
     try:
-        with engine:
+        with contextlib.ExitStack() as env:
+            # Read by Tune when the fit starts, in this process only.
+            if not verbose:
+                env.enter_context(temporary_env("RAY_AIR_NEW_OUTPUT", "0"))
+            if SNAPSHOT_WARNING not in os.environ:
+                # Tune saves its experiment state after every checkpoint of a trial that checkpoints to it (a few
+                # KB; `num_to_keep=1` forces it, so the state never names a deleted checkpoint) and warns when that
+                # happens more than once in 5 s, as it does with short epochs: nothing for the user to change.
+                env.enter_context(temporary_env(SNAPSHOT_WARNING, "0"))
             return tuner.fit()
     finally:
         tune_logger.removeFilter(hint)

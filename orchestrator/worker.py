@@ -1,4 +1,5 @@
-"""The function every Ray Train worker runs: resume from the trial's last checkpoint, train, report each epoch.
+"""The function every Ray Train worker runs: resume from the trial's last checkpoint, train, report each epoch
+(`worker_loop`); and its twin for Train's local mode, a single-worker trial in its Tune function (`local_loop`).
 
 A module of its own, lean on purpose: Ray pickles `worker_loop` by reference, so each worker process imports this
 module and what it imports, afresh for every trial. It needs the training loop and Ray Train, not Ray Tune, the
@@ -23,12 +24,34 @@ from .loop import CHECKPOINT_FILE, train
 
 def worker_loop(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: resume from the last checkpoint if any, train, report every epoch."""
-    setup_logging()  # rank 0's per-epoch lines: in Ray's log files, on the terminal with the sweep's --verbose
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+
+    def save(metrics: dict[str, float], folder: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder else None
+        ray.train.report(metrics, checkpoint=checkpoint)  # uploads synchronously to the storage
+
+    _run(config, ray.train.get_checkpoint(), save, context.get_world_rank(), context.get_world_size())
+
+
+def local_loop(config: dict[str, Any]) -> None:
+    """A single-worker trial on a local Ray: runs in Ray Train's local mode (`ScalingConfig(num_workers=0)`), in the
+    Tune function's own process, where Train keeps reports and checkpoints in memory only. So this trial resumes from
+    and reports to Ray Tune: its checkpoints are Tune's (in the trial's folder), its retries Tune's FailureConfig."""
+    import ray.tune  # already loaded: this runs in the Tune function's process
+
+    def save(metrics: dict[str, float], folder: Path | None) -> None:
+        checkpoint = ray.tune.Checkpoint.from_directory(str(folder)) if folder else None
+        ray.tune.report(metrics, checkpoint=checkpoint)  # persists synchronously into the trial's folder
+
+    _run(config, ray.tune.get_checkpoint(), save, 0, 1)
+
+
+def _run(config: dict[str, Any], checkpoint, save, rank: int, world_size: int) -> None:
+    """Resume from `checkpoint` (None: from the start), train, and `save` each epoch's report (metrics and the
+    epoch's checkpoint, if any) synchronously; the local copy of the checkpoint is deleted once saved."""
+    setup_logging()  # rank 0's per-epoch lines: in Ray's log files, on the terminal with the sweep's --verbose
     cfg = TrialConfig.from_dict(config)
     resume = None
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
@@ -39,8 +62,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         tracker = tracking.MlflowTracker(cfg.tracking_uri, cfg.mlflow_run_id)
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        saved = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=saved)  # uploads synchronously to the storage
+        save(metrics, checkpoint_dir)
         if checkpoint_dir is not None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
 

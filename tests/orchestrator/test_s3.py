@@ -1,5 +1,5 @@
 """--storage s3:// and --artifact-location s3:// against moto's S3 server on 127.0.0.1, with AWS_ENDPOINT_URL alone
-selecting it: one real sweep (Tune state, Train checkpoints, MLflow artifacts in the bucket; resumed from it; no
+selecting it: one real sweep (Tune state, checkpoints, MLflow artifacts in the bucket; resumed from it; no
 planted secret anywhere), the checks made before Ray starts, and the shared-storage check of a local path."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -140,7 +139,7 @@ def test_sweep_on_s3_finishes_every_trial(s3_sweep):
 
 
 @pytest.mark.slow
-def test_tune_state_and_train_checkpoints_land_in_the_bucket(s3_sweep):
+def test_tune_state_and_checkpoints_land_in_the_bucket(s3_sweep):
     keys = set(s3_sweep.objects)
     prefix = f"sweeps/{NAME}/"
     saved = json.loads(s3_sweep.server.read(prefix + sweep.ARGS_FILE))
@@ -151,12 +150,12 @@ def test_tune_state_and_train_checkpoints_land_in_the_bucket(s3_sweep):
     trial_ids = sorted(c.data.tags[tracking.TRIAL_TAG] for c in children)
     assert len(trial_ids) == 2
     for trial_id in trial_ids:
-        train = f"{prefix}train/train-{trial_id}/"
-        assert any(k.startswith(train) for k in keys)  # Train's run state is in the bucket
-        # but a finished trial's resume checkpoint is gone (unfinished ones keep theirs: test_sweep's resume tests)
-        assert not [k for k in keys if re.match(rf"{train}checkpoint_\d{{4}}-", k)]
-        results = [k for k in keys if k.startswith(prefix) and trial_id in k and k.endswith("/result.json")]
-        assert results, f"no Tune result.json of trial {trial_id} in the bucket"
+        (results,) = [k for k in keys if k.startswith(f"{prefix}run_trial_{trial_id}_") and k.endswith("/result.json")]
+        # Each epoch's checkpoint went to the bucket before its report (Tune names it in the report)...
+        reports = [json.loads(line) for line in s3_sweep.server.read(results).splitlines() if line.strip()]
+        assert [r["checkpoint_dir_name"] for r in reports] == ["checkpoint_000000", "checkpoint_000001"]
+        # ...but a finished trial's resume checkpoint is gone (unfinished ones keep theirs: test_sweep's resume tests)
+        assert not [k for k in keys if k.startswith(results.removesuffix("result.json") + "checkpoint_")]
     assert not [k for k in s3_sweep.server.objects() if storage.MARKER_PREFIX in k]  # the write checks cleaned up
 
 
@@ -188,8 +187,8 @@ def test_resume_reads_the_sweep_back_from_s3(s3_sweep):
     assert all(s3_sweep.runs[c.info.run_id] == ("FINISHED", 2) for c in children)
     client = MlflowClient(s3_sweep.tracking_uri)
     assert all(len(client.get_metric_history(c.info.run_id, "val/top1")) == 2 for c in children)
-    checkpoints = s3_sweep.server.objects(prefix=f"sweeps/{NAME}/train/")
-    assert checkpoints == {k: v for k, v in s3_sweep.objects.items() if k.startswith(f"sweeps/{NAME}/train/")}
+    trials = s3_sweep.server.objects(prefix=f"sweeps/{NAME}/run_trial_")  # no report and no checkpoint added
+    assert trials == {k: v for k, v in s3_sweep.objects.items() if k.startswith(f"sweeps/{NAME}/run_trial_")}
 
 
 @pytest.mark.slow

@@ -73,8 +73,10 @@ def test_grid_sweep_tracks_every_trial_and_resumes_without_duplicates(grid_sweep
     )
     assert params["edge_no7"]["variant.base"] == "edge" and params["zero"]["variant.base"] == "zero"
     # a finished trial keeps no resume checkpoint (Tune never reruns it; its best model is in MLflow)
-    train = grid_sweep.root / "sweeps" / grid_sweep.name / "train"
-    assert len(list(train.iterdir())) == 6 and not list(train.glob("*/checkpoint_[0-9]*"))
+    # (single-worker trials on a local Ray train in their Tune functions and checkpoint into their Tune folders)
+    folder = grid_sweep.root / "sweeps" / grid_sweep.name
+    assert len(list(folder.glob("run_trial_*/result.json"))) == 6 and not list(folder.glob("*/checkpoint_*"))
+    assert not (folder / "train").exists()  # no Ray Train run of its own
     # each result names its Tune trial, the key by which the sweep's end finds the run of a trial Tune gave up on
     assert sorted(r.trial_id for r in results) == sorted(r.data.tags["bench.trial_id"] for r in children)
     for run in children:
@@ -189,12 +191,13 @@ def test_unreachable_tracking_server_and_ray_address_fail_fast(tmp_path, monkeyp
     assert "hunter2" not in str(refused.value)
 
 
-def _train_worker_pids() -> list[int]:
-    """PIDs of live Ray Train worker processes (Ray titles them ray::RayTrainWorker...)."""
+def _trial_pids() -> list[int]:
+    """PIDs of live Tune function processes (Ray titles them ray::ImplicitFunc...): a single-worker trial on a
+    local Ray trains in its own."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"ray::RayTrainWorker" in (proc / "cmdline").read_bytes():
+            if proc.name.isdigit() and b"ray::ImplicitFunc" in (proc / "cmdline").read_bytes():
                 pids.append(int(proc.name))
         except OSError:
             continue
@@ -202,18 +205,19 @@ def _train_worker_pids() -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker process through /proc")
-def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, tmp_path):
-    """SIGKILL the Train worker after its first checkpoint: the trial restarts from it and finishes in one run."""
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the training process through /proc")
+def test_killed_trial_resumes_from_its_last_checkpoint(ray_session, tmp_path):
+    """SIGKILL the process that trains after its second checkpoint: the trial restarts from it and finishes in one
+    run."""
     args = [*common(tmp_path, "crash"), "--variants", "zero", "--seeds", "1", "--epochs", "8"]
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(results=sweep.main(args)))
     runner.start()
-    train_dir = tmp_path / "sweeps" / "crash" / "train"
-    while runner.is_alive() and len(list(train_dir.glob("*/checkpoint_*"))) < 2:  # epochs 0 and 1 are saved
+    folder = tmp_path / "sweeps" / "crash"
+    while runner.is_alive() and not list(folder.glob("*/checkpoint_000001")):  # epochs 0 and 1 are saved
         time.sleep(0.1)
-    pids = _train_worker_pids()
-    assert runner.is_alive() and pids, "the trial ended before a worker could be killed"
+    pids = _trial_pids()
+    assert runner.is_alive() and pids, "the trial ended before its process could be killed"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     runner.join()
@@ -228,6 +232,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, tmp_path):
     assert sorted({m.step for m in history}) == list(range(8))  # every epoch logged, none missing
     # Resumed, not restarted (from scratch, epochs 0 and 1 would run twice).
     assert len(history) == 8  # logged after each checkpoint, backfilled on resume: each epoch exactly once
+    assert not list(folder.glob("*/checkpoint_*"))  # the finished trial's checkpoint is deleted
 
 
 def _parent_and_children(tmp_path, name):
@@ -257,11 +262,11 @@ def test_ctrl_c_marks_the_sweep_interrupted_and_resume_finishes_it(ray_session, 
     """Ctrl-C during a trial: the trial says `interrupted`, MLflow runs end KILLED, and the printed command resumes it
     from its last checkpoint into the same runs, each epoch logged once."""
     args = [*common(tmp_path, "ctrlc"), "--variants", "zero", "--seeds", "1", "--epochs", "6"]
-    train_dir = tmp_path / "sweeps" / "ctrlc" / "train"
+    folder = tmp_path / "sweeps" / "ctrlc"
     stop = threading.Event()
 
     def interrupt_after_first_checkpoint():
-        while not stop.is_set() and not list(train_dir.glob("*/checkpoint_*")):
+        while not stop.is_set() and not list(folder.glob("*/checkpoint_*")):
             time.sleep(0.05)
         if not stop.is_set():
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; Ray Tune's handler stops the sweep
@@ -331,8 +336,8 @@ def test_a_diverging_trial_is_failed_with_its_reason_and_the_others_finish(ray_s
 @pytest.mark.slow
 def test_the_terminal_shows_one_line_per_trial_event_and_rays_output_only_with_verbose(tmp_path):
     """A sweep in its own process, with its own Ray (as `make sweep` runs it): the plan, each trial's events and the
-    closing table; Tune's tables and boxes, Train's checkpoint lines and the workers' logs only with --verbose."""
-    chatter = ("Trial status", "Configuration for experiment", "Checkpoint successfully created", "RayTrainWorker")
+    closing table; Tune's tables and boxes, the checkpoint lines and the trial processes' logs only with --verbose."""
+    chatter = ("Trial status", "Configuration for experiment", "Checkpoint successfully created", "(run_trial pid=")
 
     def run(name: str, *extra: str) -> str:
         args = [*common(tmp_path, name), "--variants", "zero", "--seeds", "1", "--epochs", "1", *extra]
