@@ -5,11 +5,11 @@ three evaluation modes (whole image, tiles, tiles with 1/3 overlap) relative to 
                                       [--eval-batch N] [--height PX] [--rounds N] [--variants NAME...]
 
 The model is the segmentation task's own (`--preset cpu`: layer1-2 of a ResNet18, small heads; `--preset thesis`:
-wide_resnet50_2, output stride 8, the default on a GPU). Training: one SGD step (forward, loss, backward,
-update) on a batch of 2:1 images, all variants interleaved round-robin so machine noise hits them alike;
-medians. Evaluation: `task.evaluate`'s code paths on a batch of the preset's `eval_batch_size` 2:1 images (what
-the evaluation feeds the model: 8 in `cpu`, 1 in `thesis`) with square tiles of the image height, as Cityscapes'
-1024 x 2048 images with 1024 x 1024 tiles.
+wide_resnet50_2, output stride 8, the default on a GPU). Training: one step (forward, loss, backward, update
+with the preset's optimizer, as the sweep builds it) on a batch of 2:1 images, all variants interleaved
+round-robin so machine noise hits them alike; medians. Evaluation: `task.evaluate`'s code paths on a batch of
+the preset's `eval_batch_size` 2:1 images (what the evaluation feeds the model: 8 in `cpu`, 1 in `thesis`) with
+square tiles of the image height, as Cityscapes' 1024 x 2048 images with 1024 x 1024 tiles.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import convs
 from benchmarks.common import describe, interleaved, median, pick_device, table, verdict, with_baseline
 from orchestrator.cli import ArgumentParser, CliError
+from orchestrator.loop import build_optimizer
 from tasks import autocast, get_task
 from tasks.segmentation import overlap_stride, predict_tiled
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     amp = "bf16" if gpu else None  # the benchmark's own setting, not the preset's: bf16 on GPUs, fp32 on CPUs
 
     models = {v: build(v, preset, device, gpu) for v in variants}
-    optimizers = {v: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for v, m in models.items()}
+    optimizers = {v: build_optimizer(m, preset) for v, m in models.items()}  # the sweep's own: Adam in `cpu`
     x = torch.randn(batch, 3, height, 2 * height, device=device)
     y = torch.randint(0, 19, (batch, height, 2 * height), device=device)
 

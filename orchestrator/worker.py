@@ -8,6 +8,7 @@ sweep's command line or (outside rank 0) MLflow; `tasks.get_task` imports only t
 
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 from pathlib import Path
@@ -43,7 +44,14 @@ def local_loop(config: dict[str, Any]) -> None:
         checkpoint = ray.tune.Checkpoint.from_directory(str(folder)) if folder else None
         ray.tune.report(metrics, checkpoint=checkpoint)  # persists synchronously into the trial's folder
 
-    _run(config, ray.tune.get_checkpoint(), save, 0, 1)
+    try:
+        _run(config, ray.tune.get_checkpoint(), save, 0, 1)
+    finally:
+        # Tune reuses this process for the slot's next trial: free this trial's model, optimizer and loaders now,
+        # and hand the GPU memory that torch's allocator still caches back to the device.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _run(config: dict[str, Any], checkpoint, save, rank: int, world_size: int) -> None:

@@ -70,3 +70,10 @@ def test_data_benchmark_prints_rates_ratios_and_workers(capsys):
     assert pipelines <= set(rows) and "workers for 1000 img/s" in out
     assert all(re.search(r"\| \d+\.\d\dx +\|", rows[name]) for name in pipelines)  # the tensor vs PIL ratio
     assert "loader_workers_per_gpu(cpus=10, gpus=2) = 3 loader worker(s) per GPU" in out
+
+
+def test_sweep_benchmark_needs_two_trials_to_split_the_overhead():
+    from benchmarks import sweep as bench_sweep
+
+    with pytest.raises(CliError, match="--trials must be at least 2"):
+        bench_sweep.main(["--trials", "1"])  # refused before Ray starts
