@@ -35,7 +35,7 @@ class SegmentationPreset(Preset):
 # 12.2M, so edge's nine filter banks cost 2.3x zero's step rather than 4.5x); Adam 3e-3 over 16 epochs (at 1e-3
 # over 12, one seed in three had not yet learnt the vehicles and seed stds reached 6.5 mIoU points); 72
 # validation images from three cities (the real val cities' names), evaluated every second epoch. Measured on the
-# 2-core VM: seed stds of 0.2-0.4 mIoU for zero, partial, edge and gated.
+# 2-core VM: seed stds of 0.1-0.4 mIoU for zero, partial, edge and gated.
 _CPU = SegmentationPreset(
     model="resnet18",
     epochs=16,

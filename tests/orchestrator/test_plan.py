@@ -158,6 +158,21 @@ def test_sweep_settings_round_trip_and_read_an_older_sweep():
     )
 
 
+def test_where_a_trial_trains_decides_what_its_tune_function_holds():
+    """A single worker on a local Ray trains in the Tune function (Train's local mode): the function holds the
+    worker's CPUs and GPUs. Otherwise Train's workers hold them and the function only a token of memory."""
+    settings = SweepSettings("s", "sqlite:////x.db", "1", "abc", ["zero"], [0], "/tmp/s/train", local=True)
+    assert settings.in_function and settings.function_resources() == {"CPU": 1.0}
+    gpu = SweepSettings.from_dict({**settings.to_dict(), "cpus_per_worker": 4.0, "gpus_per_worker": 0.5})
+    assert gpu.function_resources() == {"CPU": 4.0, "GPU": 0.5}
+    for train in ({"local": False}, {"workers_per_trial": 2}):
+        other = SweepSettings.from_dict({**gpu.to_dict(), **train})
+        assert not other.in_function and other.function_resources() == {"CPU": 0, "memory": 2**20}
+    # Tune asks for it per trial, from the settings in the trial's own config (a resumed trial keeps its own).
+    group = sweep.function_resources({SweepSettings.KEY: gpu.to_dict(), "seed": 0})
+    assert group.bundles == [{"CPU": 4.0, "GPU": 0.5}]
+
+
 def test_build_param_space_grid_and_optuna():
     p = make_plan("--task", "classification", "--variants", "zero", "edge", "--seeds", "2")
     settings = SweepSettings("s", "sqlite:////x.db", "1", "abc", list(p.variants), list(p.seeds), "/tmp/s/train")
