@@ -4,8 +4,9 @@ The sweep runs in a subprocess against the cluster (`--address`): the pytest pro
 (the `ray_session` fixture). Each node has 1 CPU and each trial's Train worker takes 1, so the two trials train one
 on each node; once the worker node's trial has logged an epoch, every process of that node gets SIGKILL at once.
 
-Where a trial's other processes run decides what the loss takes with it. Its Tune function asks for no CPU and 1 MiB
-of Ray's `memory` resource (`orchestrator.sweep.build_tuner`), and Ray Train pins the trial's controller to the Tune
+Where a trial's other processes run decides what the loss takes with it. On a cluster (`--address`) its Tune function
+asks for no CPU and 1 MiB of Ray's `memory` resource (`SweepSettings.function_resources`: here Train's workers train,
+not the function itself as in a local Ray's single-worker trials), and Ray Train pins the trial's controller to the Tune
 function's node; the tests steer the Tune functions with the nodes' `memory` resource, not the orchestrator's requests.
 """
 
