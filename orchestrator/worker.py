@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -31,7 +32,8 @@ def worker_loop(config: dict[str, Any]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder else None
         ray.train.report(metrics, checkpoint=checkpoint)  # uploads synchronously to the storage
 
-    _run(config, ray.train.get_checkpoint(), save, context.get_world_rank(), context.get_world_size())
+    device = ray.train.torch.get_device()
+    _run(config, ray.train.get_checkpoint(), save, device, context.get_world_rank(), context.get_world_size())
 
 
 def local_loop(config: dict[str, Any]) -> None:
@@ -44,8 +46,11 @@ def local_loop(config: dict[str, Any]) -> None:
         checkpoint = ray.tune.Checkpoint.from_directory(str(folder)) if folder else None
         ray.tune.report(metrics, checkpoint=checkpoint)  # persists synchronously into the trial's folder
 
+    # Train's local mode picks a GPU whenever torch sees one; the trial's own request decides here (Ray tells this
+    # process its GPUs): a CPU trial on a GPU machine stays on the CPU, as a Train worker without a GPU does.
+    device = ray.train.torch.get_device() if ray.get_gpu_ids() else torch.device("cpu")
     try:
-        _run(config, ray.tune.get_checkpoint(), save, 0, 1)
+        _run(config, ray.tune.get_checkpoint(), save, device, 0, 1)
     finally:
         # Tune reuses this process for the slot's next trial: free this trial's model, optimizer and loaders now,
         # and hand the GPU memory that torch's allocator still caches back to the device.
@@ -54,7 +59,7 @@ def local_loop(config: dict[str, Any]) -> None:
             torch.cuda.empty_cache()
 
 
-def _run(config: dict[str, Any], checkpoint, save, rank: int, world_size: int) -> None:
+def _run(config: dict[str, Any], checkpoint, save, device: torch.device, rank: int, world_size: int) -> None:
     """Resume from `checkpoint` (None: from the start), train, and `save` each epoch's report (metrics and the
     epoch's checkpoint, if any) synchronously; the local copy of the checkpoint is deleted once saved."""
     setup_logging()  # rank 0's per-epoch lines: in Ray's log files, on the terminal with the sweep's --verbose
@@ -77,7 +82,7 @@ def _run(config: dict[str, Any], checkpoint, save, rank: int, world_size: int) -
     with tempfile.TemporaryDirectory(prefix="trial-") as workdir:
         train(
             cfg,
-            device=ray.train.torch.get_device(),
+            device=device,
             rank=rank,
             world_size=world_size,
             report=report,
