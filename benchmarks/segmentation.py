@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     batch, height = args.batch or (4 if gpu else 8), args.height or (512 if gpu else 64)
     amp = "bf16" if gpu else None  # the benchmark's own setting, not the preset's: bf16 on GPUs, fp32 on CPUs
 
-    # channels_last: the benchmark's own setting on GPUs (as bf16), the preset's on CPUs (the sweep's memory format).
-    models = {v: build(v, preset, device, gpu or preset.channels_last) for v in variants}
+    models = {v: build(v, preset, device, gpu) for v in variants}
     optimizers = {v: build_optimizer(m, preset) for v, m in models.items()}  # the sweep's own: Adam in `cpu`
     x = torch.randn(batch, 3, height, 2 * height, device=device)
     y = torch.randint(0, 19, (batch, height, 2 * height), device=device)

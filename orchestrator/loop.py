@@ -353,7 +353,7 @@ def train(
     initialize(model, task, cfg.variant, variant_options(cfg, preset), parse_init(cfg.init), cfg.tracking_uri)
     if preset.sync_bn and world_size > 1 and device.type == "cuda":  # PyTorch's SyncBatchNorm runs on GPUs only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device, memory_format=torch.channels_last if preset.channels_last else torch.contiguous_format)
+    model.to(device)
     # What the task calls: the model, or for a task with masks in its inputs the model taking (images, masks).
     eval_net = MaskInput(model) if getattr(task, "takes_masks", False) else model
     net = eval_net

@@ -177,11 +177,6 @@ class Preset:
     eval_every: int = 1  # evaluate every this many epochs, and always after the last one
     sync_bn: bool = False  # synchronized BatchNorm across the Ray Train workers (used on GPUs)
     amp: str | None = None  # mixed precision: None = fp32 (the thesis), "bf16", or "fp16" (GPUs, with loss scaling)
-    # The model's memory format: channels_last (NHWC) or the default NCHW. The same numbers up to float rounding;
-    # which is faster depends on the model and the device (measured on the 2-core VM: see the segmentation `cpu`
-    # preset). Off by default, also on GPUs: there cuDNN chose a slow kernel for edge's border strips in
-    # channels_last (3.3x the step, README "Benchmarks").
-    channels_last: bool = False
     variants: tuple[str, ...] = ("zero", "partial", "gated", "edge", "affine")  # specs a sweep runs by default
     variant_start: str = "copy"  # how converted layers' new filters start, where a variant asks: copy | random
     model_options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the task's model
@@ -214,7 +209,6 @@ class Preset:
         "eval_every": Integer(1, example="eval_every=2"),
         "sync_bn": Flag(example="sync_bn=True"),
         "amp": Choice(("bf16", "fp16"), optional=True, example='amp="bf16", or None for fp32'),
-        "channels_last": Flag(example="channels_last=True"),
         # names only: the sweep checks each spec against convs (tasks never import convs)
         "variants": Texts("a non-empty tuple of distinct variant specs", example='variants=("zero", "partial")'),
         "variant_start": Choice(("copy", "random"), example='variant_start="random"'),

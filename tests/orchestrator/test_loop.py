@@ -70,23 +70,6 @@ def test_report_checkpoints_and_resume(cache, tmp_path):
         assert a["val/top1"] == pytest.approx(b["val/top1"]) and a["train/loss"] == pytest.approx(b["train/loss"])
 
 
-def test_the_model_trains_in_the_presets_memory_format(cache):
-    """NCHW by default, channels_last when the preset says so: the checkpoint holds the trained model's own state."""
-    states = {}
-    for channels_last in (False, True):
-        overrides = {"epochs": 1, "max_batches": 2, "channels_last": channels_last}
-        train(
-            config(cache, overrides=overrides),
-            report=lambda m, f, key=channels_last: states.setdefault(
-                key, torch.load(f / CHECKPOINT_FILE, weights_only=False)
-            ),
-        )
-    for channels_last, state in states.items():
-        weight = state["model"]["conv1.weight"]
-        assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
-        assert weight.is_contiguous() != channels_last
-
-
 class RecordingTracker:
     def __init__(self):
         self.calls = []

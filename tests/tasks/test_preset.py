@@ -27,7 +27,6 @@ BAD = {
     "eval_every": [0, -1, 1.5, True, None],
     "sync_bn": [1, "yes", None],
     "amp": ["fp32", "BF16", "", True, 16],
-    "channels_last": [1, 0, "yes", None],
     "variants": [(), [], "zero", ("zero", ""), ("zero", 3), ("zero", "zero"), None],
     "variant_start": ["copied", "", None],
     "model_options": [None, [("output_stride", 8)], "output_stride=8"],
