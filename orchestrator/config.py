@@ -66,18 +66,16 @@ class SweepSettings:
     gpus_per_worker: float = 0.0
     max_failures: int = 2  # restarts of a crashed Train run from its last checkpoint
     local: bool = False  # a Ray started on this machine: one node, nothing to be preempted
+    # Each trial trains in its Tune function's process (Ray Train's local mode): a single worker on a local Ray. Decided
+    # when the sweep starts and kept with each trial's config, so a sweep saved before this existed (False: Train's
+    # worker processes, checkpoints under `train_storage`) resumes its trials the way they started.
+    in_function: bool = False
     inits: list[str] = field(default_factory=lambda: ["scratch"])  # --init sources, a grid axis like the variants
 
     KEY: ClassVar[str] = "__sweep"  # its key in a trial's config (TrialConfig ignores "__" keys)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @property
-    def in_function(self) -> bool:
-        """Whether each trial trains in its Tune function's process (Ray Train's local mode): a single worker on a
-        local Ray. Otherwise Train runs the trial's workers (DDP) in processes of their own."""
-        return self.local and self.workers_per_trial == 1
 
     def function_resources(self) -> dict[str, float]:
         """What a trial's Tune function asks of Ray: the worker's CPUs and GPUs when it trains itself; otherwise no

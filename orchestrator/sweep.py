@@ -233,6 +233,12 @@ class Plan:
         return len(self.variants) * len(self.inits) * len(self.seeds) * samples
 
     @property
+    def trials_in_function(self) -> bool:
+        """Each trial trains in its Tune function's process (Ray Train's local mode, `trial.py`): one worker per
+        trial on a local Ray. A cluster or several workers per trial keep Train's worker processes."""
+        return self.address is None and self.workers_per_trial == 1
+
+    @property
     def path(self) -> str:
         """Where Tune keeps this sweep's state."""
         return f"{self.storage}/{self.name}"
@@ -875,6 +881,7 @@ def main(argv: list[str] | None = None) -> list[tables.TrialResult]:
                 max_failures=p.max_failures,
                 local=p.address is None,
                 inits=list(p.inits),
+                in_function=p.trials_in_function,
             )
             # A resumed sweep's trials keep their own configs (see build_tuner): no new search space to build.
             space, search_alg, num_samples = (

@@ -161,13 +161,19 @@ def test_sweep_settings_round_trip_and_read_an_older_sweep():
 def test_where_a_trial_trains_decides_what_its_tune_function_holds():
     """A single worker on a local Ray trains in the Tune function (Train's local mode): the function holds the
     worker's CPUs and GPUs. Otherwise Train's workers hold them and the function only a token of memory."""
-    settings = SweepSettings("s", "sqlite:////x.db", "1", "abc", ["zero"], [0], "/tmp/s/train", local=True)
-    assert settings.in_function and settings.function_resources() == {"CPU": 1.0}
+    settings = SweepSettings("s", "sqlite:////x.db", "1", "abc", ["zero"], [0], "/tmp/s/train", in_function=True)
+    assert settings.function_resources() == {"CPU": 1.0}
     gpu = SweepSettings.from_dict({**settings.to_dict(), "cpus_per_worker": 4.0, "gpus_per_worker": 0.5})
     assert gpu.function_resources() == {"CPU": 4.0, "GPU": 0.5}
-    for train in ({"local": False}, {"workers_per_trial": 2}):
-        other = SweepSettings.from_dict({**gpu.to_dict(), **train})
-        assert not other.in_function and other.function_resources() == {"CPU": 0, "memory": 2**20}
+    train = SweepSettings.from_dict({**gpu.to_dict(), "in_function": False})
+    assert train.function_resources() == {"CPU": 0, "memory": 2**20}
+    # A sweep saved before trials trained in their functions resumes them with Train's workers, as they started.
+    old = {k: v for k, v in gpu.to_dict().items() if k != "in_function"}
+    assert not SweepSettings.from_dict(old).in_function
+    # The sweep decides it: one worker per trial on a local Ray; a cluster or DDP keeps Train's workers.
+    assert make_plan("--task", "classification").trials_in_function
+    assert not make_plan("--task", "classification", "--address", "auto").trials_in_function
+    assert not make_plan("--task", "classification", "--workers-per-trial", "2").trials_in_function
     # Tune asks for it per trial, from the settings in the trial's own config (a resumed trial keeps its own).
     group = sweep.function_resources({SweepSettings.KEY: gpu.to_dict(), "seed": 0})
     assert group.bundles == [{"CPU": 4.0, "GPU": 0.5}]
