@@ -54,9 +54,15 @@ def run_trial(config: dict[str, Any]) -> None:
             scaling_config=ray.train.ScalingConfig(num_workers=0, use_gpu=gpus > 0),
             run_config=ray.train.RunConfig(name=f"train-{trial_id}"),
         )
-        # An error leaves the run RUNNING: Tune retries the trial from its last checkpoint into this run (which
-        # `find_or_create_run` opens again), and the sweep's end marks it FAILED if the retries run out.
-        trainer.fit()
+        try:
+            trainer.fit()
+        except Exception:
+            # The training's own error: the run says FAILED until Tune's retry (from the last checkpoint) opens it
+            # again (`find_or_create_run`). Tune stopping the trial (Ctrl-C, the sweep's end) raises SystemExit in
+            # this thread instead, and a killed process raises nothing: the run stays RUNNING, for the retry to
+            # reopen or for the sweep's end to mark KILLED (or FAILED when Tune gave up on the trial).
+            tracking.finish_run(sweep.tracking_uri, run_id, "FAILED")
+            raise
         failed = tracking.get_tag(sweep.tracking_uri, run_id, tracking.FAILURE_TAG) is not None
         tracking.finish_run(sweep.tracking_uri, run_id, "FAILED" if failed else "FINISHED")
         return  # `DropFinishedCheckpoints` deletes the finished trial's Tune checkpoint
