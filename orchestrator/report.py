@@ -221,6 +221,15 @@ def _done(results: list[tables.TrialResult], arm: str, key: str) -> list[tuple[i
     return [(r.seed, r.metrics[key]) for r in results if r.variant == arm and r.status == "ok" and key in r.metrics]
 
 
+def short_label(label: str, width: int = 28) -> str:
+    """An arm's label cut in the middle to `width` characters, for a tick or legend: `--init` arms carry a whole path
+    ("zero +init /data/runs/.../best.pt"), which would crowd out the plot."""
+    if len(label) <= width:
+        return label
+    keep = width - 1
+    return f"{label[: keep // 2]}…{label[len(label) - (keep - keep // 2) :]}"
+
+
 def plot_metrics(results: list[tables.TrialResult], columns: list[str]):
     """One panel per table metric: each arm's mean with a std error bar over seeds, every seed as a point."""
     plt = tracking._pyplot()
@@ -238,7 +247,7 @@ def plot_metrics(results: list[tables.TrialResult], columns: list[str]):
             ax.errorbar([x], [mean], yerr=[std], fmt="s", color=f"C{x}", capsize=5, markersize=7)
             jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else [0.0]
             ax.scatter(x + np.asarray(jitter), values, color=f"C{x}", alpha=0.45, s=14, zorder=3)
-        ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=7)
+        ax.set_xticks(range(len(arms)), [short_label(a) for a in arms], rotation=35, ha="right", fontsize=7)
         ax.set_title(column, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     for ax in axes.flat[len(columns) :]:
@@ -278,7 +287,8 @@ def plot_curves(curves: dict, arms: list[str], keys: list[str]):
                     table[t, epochs.index(s)] = v
             with np.errstate(all="ignore"), _quiet_nan_warnings():
                 mean, low, high = np.nanmean(table, 0), np.nanmin(table, 0), np.nanmax(table, 0)
-            ax.plot(epochs, mean, marker="o", markersize=3, color=f"C{i}", label=f"{arm} (n={len(trials)})")
+            label = f"{short_label(arm)} (n={len(trials)})"
+            ax.plot(epochs, mean, marker="o", markersize=3, color=f"C{i}", label=label)
             if len(trials) > 1:
                 ax.fill_between(epochs, low, high, color=f"C{i}", alpha=0.2)
         ax.set_title(key, fontsize=9)
@@ -333,7 +343,8 @@ def plot_class_table(per_arm: dict, arms: list[str], title: str):
             mean = np.nanmean(values, 0)
             std = np.nanstd(values, 0, ddof=1) if len(values) > 1 else np.zeros(len(names))
         x = np.arange(len(names)) + (k - (len(arms) - 1) / 2) * width
-        ax.bar(x, np.nan_to_num(mean), width, yerr=np.nan_to_num(std), label=f"{arm} (n={len(values)})", capsize=1.5)
+        label = f"{short_label(arm)} (n={len(values)})"
+        ax.bar(x, np.nan_to_num(mean), width, yerr=np.nan_to_num(std), label=label, capsize=1.5)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
@@ -353,7 +364,7 @@ def plot_series(results: list[tables.TrialResult], arms: list[str], title: str, 
                 continue
             mean = [float(np.mean(p)) for p in points]
             std = [float(np.std(p, ddof=1)) if len(p) > 1 else 0.0 for p in points]
-            ax.errorbar(range(len(keys)), mean, yerr=std, marker="o", capsize=3, color=f"C{i}", label=arm)
+            ax.errorbar(range(len(keys)), mean, yerr=std, marker="o", capsize=3, color=f"C{i}", label=short_label(arm))
         ax.set_xticks(range(len(keys)), x_labels)
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
