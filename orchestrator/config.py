@@ -64,7 +64,7 @@ class SweepSettings:
     workers_per_trial: int = 1  # Ray Train workers (DDP) per trial
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    max_failures: int = 2  # restarts of a crashed Train run from its last checkpoint
+    max_failures: int = 2  # restarts of a crashed trial from its last checkpoint (by Train, or by Tune in_function)
     local: bool = False  # a Ray started on this machine: one node, nothing to be preempted
     # Each trial trains in its Tune function's process (Ray Train's local mode): a single worker on a local Ray. Decided
     # when the sweep starts and kept with each trial's config, so a sweep saved before this existed (False: Train's
