@@ -246,6 +246,23 @@ def _parent_and_children(tmp_path, name):
 
 
 @pytest.mark.slow
+def test_a_ddp_trial_trains_in_ray_train_workers_and_checkpoints_through_train(ray_session, tmp_path):
+    """Two workers per trial: Train's worker processes (DDP over them) train, not the Tune function, and their
+    checkpoints are Train's (under train/), the finished trial's deleted; MLflow holds each epoch once."""
+    args = [*common(tmp_path, "ddp"), "--variants", "zero", "--seeds", "1", "--workers-per-trial", "2"]
+    (result,) = sweep.main(args)
+    assert result.status == "ok" and result.metrics["epoch"] == 1
+    folder = tmp_path / "sweeps" / "ddp"
+    (run,) = (folder / "train").iterdir()  # the trial's Ray Train run
+    assert run.name == f"train-{result.trial_id}" and not list(run.glob("checkpoint_[0-9]*"))
+    assert not list(folder.glob("run_trial_*/checkpoint_*"))  # nothing checkpointed through Tune
+    client, runs = runs_of(tmp_path)
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert child.info.status == "FINISHED" and child.data.params["trial_id"] == result.trial_id
+    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "val/top1")) == [0, 1]
+
+
+@pytest.mark.slow
 def test_a_failing_sweep_ends_its_parent_run_failed(ray_session, tmp_path):
     """Tune cannot write its state (the storage path is a file): the error surfaces, the parent run says FAILED."""
     (tmp_path / "sweeps").write_text("not a folder")
