@@ -63,9 +63,8 @@ def run_trial(config: dict[str, Any]) -> None:
             # reopen or for the sweep's end to mark KILLED (or FAILED when Tune gave up on the trial).
             tracking.finish_run(sweep.tracking_uri, run_id, "FAILED")
             raise
-        failed = tracking.get_tag(sweep.tracking_uri, run_id, tracking.FAILURE_TAG) is not None
-        tracking.finish_run(sweep.tracking_uri, run_id, "FAILED" if failed else "FINISHED")
-        return  # `DropFinishedCheckpoints` deletes the finished trial's Tune checkpoint
+        end_run(sweep, run_id)  # `DropFinishedCheckpoints` deletes the finished trial's Tune checkpoint
+        return
     # Ray Train's controller polls its workers every 2 s by default; at 0.2 s a trial ends seconds sooner (the
     # controller process reads this when this function creates it).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -105,13 +104,19 @@ def run_trial(config: dict[str, Any]) -> None:
     except BaseException:
         tracking.finish_run(sweep.tracking_uri, run_id, "FAILED")
         raise
-    # A diverged trial returns normally, its reason in its last report (read by the sweep's table) and in the run's
-    # failure tag (set by rank 0; Train's own result holds only the metrics of the last checkpoint): raising here
-    # would make Tune restart it from its last checkpoint, to diverge again.
+    if end_run(sweep, run_id):
+        drop_resume_checkpoints(result)
+
+
+def end_run(sweep: SweepSettings, run_id: str) -> bool:
+    """End a trial's MLflow run after training returned: FINISHED, or FAILED for a diverged trial; True if finished.
+
+    A diverged trial returns normally, its reason in its last report (read by the sweep's table) and in the run's
+    failure tag (set by rank 0; Train's own result holds only the metrics of the last checkpoint): raising would make
+    Tune restart it from its last checkpoint, to diverge again."""
     failed = tracking.get_tag(sweep.tracking_uri, run_id, tracking.FAILURE_TAG) is not None
     tracking.finish_run(sweep.tracking_uri, run_id, "FAILED" if failed else "FINISHED")
-    if not failed:
-        drop_resume_checkpoints(result)
+    return not failed
 
 
 def drop_resume_checkpoints(result: ray.train.Result) -> None:

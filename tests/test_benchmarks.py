@@ -8,6 +8,7 @@ from benchmarks import convs as bench_convs
 from benchmarks import data as bench_data
 from benchmarks import retrieval as bench_retrieval
 from benchmarks import segmentation as bench_segmentation
+from benchmarks import sweep as bench_sweep
 from orchestrator.cli import CliError
 
 
@@ -73,7 +74,5 @@ def test_data_benchmark_prints_rates_ratios_and_workers(capsys):
 
 
 def test_sweep_benchmark_needs_two_trials_to_split_the_overhead():
-    from benchmarks import sweep as bench_sweep
-
     with pytest.raises(CliError, match="--trials must be at least 2"):
         bench_sweep.main(["--trials", "1"])  # refused before Ray starts
