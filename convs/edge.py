@@ -17,16 +17,16 @@ from .policy import ConvReplacement, check_start
 REGIONS = ("top_left", "top", "top_right", "left", "right", "bottom_left", "bottom", "bottom_right")
 INTERIOR = -1  # filter index of the interior box in a plan: `weight` and `bias`
 
-# How "auto" picks a plan per input size (measured on a 2-core Xeon VM, oneDNN, ResNet50 and DeepLabV3+ layer
-# shapes, one thread, forward+backward against a plain conv). "strips" (the plain conv over the whole map, border
-# strips recomputed) wastes the border share of its work and only pays off for a very thin frame. Otherwise each
-# output box is computed once. oneDNN is slow on small boxes with large filters (a corner of a 7 x 7 map with 512
-# channels is a matrix-vector product per image): there the border boxes are matrix products with the whole
-# batch in the columns ("hybrid"); for small filters oneDNN's own conv per box is faster ("boxes"). On maps of a few
-# dozen outputs the interior box is small too, and a matrix product beats oneDNN there as well ("gemm").
+# How "auto" picks a plan per input size, by the share of output positions in the border (measured on a 2-core
+# Xeon VM, oneDNN and MKL, ResNet50 and DeepLabV3+ layer shapes, forward+backward against a plain conv).
+# "strips" (the plain conv over the whole map, border strips recomputed) wastes the border share of its work and
+# only pays off for a very thin frame (56 x 56 maps and larger). "boxes" (one conv per box) suits a thin border:
+# its cost per box is a conv call. Where the border is a tenth of the map or more (28 x 28 maps and smaller, the
+# segmentation demo's 16 x 32 and 8 x 16 maps, dilated layers), the border boxes are gathered as im2col rows and
+# multiplied by their filters, one matrix product per box ("columns"): 1.4-2x faster than "boxes" there, but it
+# copies the whole padded input, which costs more than it saves on large maps.
 STRIPS_MAX_BORDER_SHARE = 0.03
-GEMM_BORDER_MIN_WEIGHTS = 2**19  # elements of one filter bank: out channels * in channels per group * kernel area
-GEMM_ALL_MAX_OUTPUTS = 64  # output positions per image
+COLUMNS_MIN_BORDER_SHARE = 0.1
 
 
 class Box(NamedTuple):
@@ -44,6 +44,25 @@ class Box(NamedTuple):
     keep: tuple[int, int]
 
 
+class Columns(NamedTuple):
+    """The border boxes of a "columns" plan, computed from one gather of their im2col rows (ungrouped convs).
+
+    `first`: the plan's boxes from this index on are the border boxes it computes (those before are the interior
+    box, a oneDNN/cuDNN conv). `rows`, `cols`: output row and column of every border position, box after box (row
+    major within a box). `taps`: for every border position and kernel tap (row major), the flat index of the input
+    pixel it reads in the zero-padded map (`padded` height x width, `padding` left, right, top, bottom). `starts`:
+    the first position of each border box in `rows`, then their count. CPU tensors, moved along with the input.
+    """
+
+    first: int
+    rows: torch.Tensor
+    cols: torch.Tensor
+    taps: torch.Tensor
+    starts: tuple[int, ...]
+    padded: tuple[int, int]
+    padding: tuple[int, int, int, int]
+
+
 class EdgePlan(NamedTuple):
     """How a layer computes one input size.
 
@@ -51,15 +70,14 @@ class EdgePlan(NamedTuple):
     are computed with their own filters and overwrite their part of it: best when the border is a thin frame.
     The other strategies compute every output position exactly once, each box with its own filter (the interior
     box without any padding), which is what small or heavily dilated maps need (their border strips overlap or
-    cover the whole map): "boxes" with one conv per box, "hybrid" with the border boxes as matrix products (im2col
-    of the box, the batch in the columns), "gemm" with every box as a matrix product. `gemm[i]` says which way
-    `boxes[i]` is computed.
+    cover the whole map): "boxes" with one conv per box; "columns" with the interior box a conv and the border
+    boxes matrix products of their im2col rows (`columns` says where they are; None in the other strategies).
     """
 
-    strategy: Literal["strips", "boxes", "hybrid", "gemm"]
+    strategy: Literal["strips", "boxes", "columns"]
     boxes: tuple[Box, ...]
     out_size: tuple[int, int]
-    gemm: tuple[bool, ...]
+    columns: Columns | None = None
 
 
 class EdgeConv2d(ConvReplacement, nn.Conv2d):
@@ -80,7 +98,7 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
 
     # "auto" picks per input size and filter bank (see STRIPS_MAX_BORDER_SHARE); a strategy name forces it on every
     # size (tests, benchmarks); set it on an instance or on the class.
-    strategy: ClassVar[Literal["auto", "strips", "boxes", "hybrid", "gemm"]] = "auto"
+    strategy: ClassVar[Literal["auto", "strips", "boxes", "columns"]] = "auto"
 
     def __init__(
         self,
@@ -206,27 +224,42 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
         share = 1 - (h1 - h0) * (w1 - w0) / (rows.out * cols.out)
         strategy = self.strategy
         if strategy == "auto":
-            if share <= STRIPS_MAX_BORDER_SHARE:
-                strategy = "strips"
-            else:
-                strategy = "boxes"
-                if self.weight.numel() >= GEMM_BORDER_MIN_WEIGHTS:
-                    strategy = "gemm" if rows.out * cols.out <= GEMM_ALL_MAX_OUTPUTS else "hybrid"
+            strategy = "strips" if share <= STRIPS_MAX_BORDER_SHARE else "boxes"
+            if share >= COLUMNS_MIN_BORDER_SHARE:
+                strategy = "columns"
+        if strategy == "columns" and self.groups != 1:
+            strategy = "boxes"  # a grouped conv's border boxes stay convs (one matrix product per group is slower)
         if strategy == "strips":
             # The plain conv over the whole map, with the layer's own padding, then the border boxes over it.
             ilo, ihi, pt, pb = rows.window(0, rows.out)
             jlo, jhi, pl, pr = cols.window(0, cols.out)
             whole = Box(INTERIOR, (0, rows.out, 0, cols.out), (ilo, ihi, jlo, jhi, pl, pr, pt, pb), (0, cols.out))
-            boxes, gemm = (whole, *border), (False,) * (1 + len(border))
-        else:
-            # The interior box first: it is the largest, and the output takes its memory format. Boxes computed
-            # as matrix products run no oneDNN convolution and need no CPU workaround.
-            interior = self._boxes(height, width, cpu and strategy != "gemm", True)
-            if strategy != "boxes":
-                border = self._boxes(height, width, False, False)
-            boxes = (*interior, *border)
-            gemm = (strategy == "gemm",) * len(interior) + (strategy != "boxes",) * len(border)
-        return EdgePlan(strategy, boxes, (rows.out, cols.out), gemm)
+            return EdgePlan(strategy, (whole, *border), (rows.out, cols.out))
+        # The interior box first: it is the largest, and the output takes its memory format.
+        interior = self._boxes(height, width, cpu, True)
+        if strategy == "boxes":
+            return EdgePlan(strategy, (*interior, *border), (rows.out, cols.out))
+        # Border boxes computed as matrix products run no oneDNN convolution and need no CPU workaround.
+        boxes = (*interior, *self._boxes(height, width, False, False))
+        return EdgePlan(strategy, boxes, (rows.out, cols.out), self._columns_of(boxes, len(interior), height, width))
+
+    def _columns_of(self, boxes: tuple[Box, ...], first: int, height: int, width: int) -> Columns:
+        """Where the border boxes `boxes[first:]` read and write (see `Columns`)."""
+        (pt, pb), (pl, pr) = side_padding(self)
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        rows, cols, starts = [], [], [0]
+        for box in boxes[first:]:
+            r0, r1, c0, c1 = box.out
+            r, c = torch.meshgrid(torch.arange(r0, r1), torch.arange(c0, c1), indexing="ij")
+            rows.append(r.flatten())
+            cols.append(c.flatten())
+            starts.append(starts[-1] + r.numel())
+        r, c = torch.cat(rows), torch.cat(cols)
+        padded = (height + pt + pb, width + pl + pr)
+        tap_rows = r[:, None] * sh + torch.arange(kh) * dh  # padded input row of each position's kernel rows
+        tap_cols = c[:, None] * sw + torch.arange(kw) * dw
+        taps = (tap_rows[:, :, None] * padded[1] + tap_cols[:, None, :]).flatten()
+        return Columns(first, r, c, taps, tuple(starts), padded, (pl, pr, pt, pb))
 
     def _boxes(self, height: int, width: int, cpu: bool, interior: bool) -> tuple[Box, ...]:
         """The border boxes in `REGIONS` order, or (`interior`) the interior box alone (if the map has one)."""
@@ -305,50 +338,6 @@ def _conv_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _columns(inp: torch.Tensor, kernel, padding, stride, dilation, groups: int) -> tuple[torch.Tensor, int, int]:
-    """im2col of a box's input as GEMM operands (groups, rows per group, positions * batch), and the box's output
-    height and width. The batch goes into the GEMM's columns, so that even a corner of one position is a matrix
-    product rather than one matrix-vector product per image."""
-    cols = F.unfold(inp, kernel, dilation, padding, stride)
-    height = (inp.shape[2] + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    width = cols.shape[2] // height
-    return cols.permute(1, 2, 0).reshape(groups, cols.shape[1] // groups, -1), height, width
-
-
-def _gemm_box(inp, w, b, padding, stride, dilation, groups: int) -> torch.Tensor:
-    """A box's conv as one matrix product of its filter and the box's im2col columns: (N, out channels, h, w)."""
-    a, height, width = _columns(inp, w.shape[2:], padding, stride, dilation, groups)
-    wg = w.reshape(groups, w.shape[0] // groups, -1)
-    y = torch.bmm(wg, a) if b is None else torch.baddbmm(b.view(groups, -1, 1), wg, a)
-    return y.view(w.shape[0], height, width, inp.shape[0]).permute(3, 0, 1, 2)
-
-
-def _gemm_box_backward(grad, inp, w, padding, stride, dilation, groups: int, mask, weight_out):
-    """Gradients of `_gemm_box` w.r.t. its input, filter (written into `weight_out` when given) and bias."""
-    channels = w.shape[0]
-    g = grad.permute(1, 2, 3, 0).reshape(groups, channels // groups, -1)
-    gi = gw = gb = None
-    if mask[0]:
-        wg = w.reshape(groups, channels // groups, -1)
-        # g^T W rather than W^T g: the filter is read in its own row-major order (about twice as fast on CPU for
-        # the thin products of border boxes, whose cost is reading the filter).
-        cols = torch.bmm(g.transpose(1, 2), wg)  # (groups, positions * batch, rows per group)
-        cols = cols.view(groups, grad.shape[2] * grad.shape[3], grad.shape[0], -1).permute(2, 0, 3, 1)
-        gi = F.fold(
-            cols.reshape(grad.shape[0], -1, cols.shape[-1]), inp.shape[2:], w.shape[2:], dilation, padding, stride
-        )
-    if mask[1]:
-        a, _, _ = _columns(inp, w.shape[2:], padding, stride, dilation, groups)
-        if weight_out is not None and weight_out.is_contiguous():
-            gw = torch.bmm(g, a.transpose(1, 2), out=weight_out.view(groups, channels // groups, -1))
-            gw = weight_out
-        else:
-            gw = torch.bmm(g, a.transpose(1, 2)).view(w.shape)
-    if mask[2]:
-        gb = g.sum(2).view(channels)
-    return gi, gw, gb
-
-
 class _EdgeConv(torch.autograd.Function):
     """All boxes of a plan as one autograd node: it saves the input and the filters only (as a plain conv does),
     and its backward adds every box's input gradient into one buffer instead of a full-size gradient per slice."""
@@ -366,14 +355,13 @@ class _EdgeConv(torch.autograd.Function):
         stride, dilation, groups, _ = geometry
         channels = weight.shape[0]
         out = None
-        for box, gemm in zip(plan.boxes, plan.gemm, strict=True):
+        columns = plan.columns
+        first = len(plan.boxes) if columns is None else columns.first
+        for box in plan.boxes[:first]:
             inp, padding, _ = _box_input(x, box.window)
             w = _filter(box.index, weight, region_weight, channels)
             b = _filter(box.index, bias, region_bias, channels) if bias is not None else None
-            if gemm:
-                y = _gemm_box(inp, w, b, padding, stride, dilation, groups)
-            else:
-                y = F.conv2d(inp, w, b, stride, padding, dilation, groups)
+            y = F.conv2d(inp, w, b, stride, padding, dilation, groups)
             r0, r1, c0, c1 = box.out
             k0, k1 = box.keep
             if out is None:
@@ -383,6 +371,11 @@ class _EdgeConv(torch.autograd.Function):
                 shape = (y.shape[0], y.shape[1], *plan.out_size)
                 out = torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=_conv_format(x, weight))
             out[:, :, r0:r1, c0:c1] = y[..., k0:k1]
+        if columns is not None:
+            if out is None:  # no interior: every output is a border one
+                shape = (x.shape[0], channels, *plan.out_size)
+                out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_conv_format(x, weight))
+            _columns_forward(out, x, weight, region_weight, region_bias, plan, geometry)
         return out
 
     @staticmethod
@@ -402,7 +395,9 @@ class _EdgeConv(torch.autograd.Function):
             for box in boxes[1:]:
                 r0, r1, c0, c1 = box.out
                 grad_whole[:, :, r0:r1, c0:c1] = 0
-        for i, (box, gemm) in enumerate(zip(boxes, plan.gemm, strict=True)):
+        columns = plan.columns
+        first = len(boxes) if columns is None else columns.first
+        for i, box in enumerate(boxes[:first]):
             interior = box.index == INTERIOR
             inp, padding, (el, er, et, eb) = _box_input(x, box.window)
             if grad_whole is not None and i == 0:
@@ -418,15 +413,10 @@ class _EdgeConv(torch.autograd.Function):
             mask = [need_x, need_w if interior else need_rw, (need_b if interior else need_rb) and ctx.has_bias]
             if not any(mask):
                 continue
-            rows = slice(box.index * channels, (box.index + 1) * channels)
-            target = None if interior or grw is None else grw[rows]
-            if gemm:
-                gi, gwi, gbi = _gemm_box_backward(grad, inp, w, padding, stride, dilation, groups, mask, target)
-            else:
-                bias_sizes = [channels] if mask[2] else None
-                gi, gwi, gbi = torch.ops.aten.convolution_backward(
-                    grad, inp, w, bias_sizes, stride, padding, dilation, False, (0, 0), groups, mask
-                )
+            bias_sizes = [channels] if mask[2] else None
+            gi, gwi, gbi = torch.ops.aten.convolution_backward(
+                grad, inp, w, bias_sizes, stride, padding, dilation, False, (0, 0), groups, mask
+            )
             if need_x:
                 ilo, ihi, jlo, jhi = box.window[:4]
                 gi = gi[:, :, et : gi.shape[2] - eb, el : gi.shape[3] - er]
@@ -439,10 +429,13 @@ class _EdgeConv(torch.autograd.Function):
             if interior:
                 gw, gb = gwi, gbi
             else:
-                if gwi is not None and gwi is not target:
+                rows = slice(box.index * channels, (box.index + 1) * channels)
+                if gwi is not None:
                     grw[rows] = gwi
                 if gbi is not None:
                     grb[rows] = gbi
+        if columns is not None and (need_x or need_rw or need_rb):
+            gx = _columns_backward(grad_out, x, region_weight, plan, ctx.geometry, gx, grw, grb, need_x)
         if need_x and gx is None:
             gx = torch.zeros_like(x)
         # A map without interior leaves `weight` and `bias` unused: their gradients are zero.
@@ -453,6 +446,83 @@ class _EdgeConv(torch.autograd.Function):
         grads = (gx, gw, gb, grw, grb)
         grads = tuple(g if g is None or g.dtype == d else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True))
         return (*grads, None, None, None)
+
+
+def _padded_channels_last(x: torch.Tensor, columns: Columns) -> torch.Tensor:
+    """`x` zero-padded by the layer's padding, as (N, padded height, padded width, C): channels innermost, so that
+    gathering a window copies runs of channels."""
+    pl, _, pt, _ = columns.padding
+    n, c, h, w = x.shape
+    padded = x.new_zeros(n, *columns.padded, c)
+    padded[:, pt : pt + h, pl : pl + w] = x.permute(0, 2, 3, 1)
+    return padded
+
+
+def _border_columns(x: torch.Tensor, plan: EdgePlan, geometry: tuple, kernel: tuple[int, int]) -> torch.Tensor:
+    """im2col rows of every border position of `plan`: (positions * N, C * kernel area), position-major (the
+    images of one position are consecutive rows), each row in the filter's own (C, kh, kw) order."""
+    columns, (stride, dilation, _, _) = plan.columns, geometry
+    padded = _padded_channels_last(x, columns)
+    n, _, _, c = padded.shape
+    s_n, s_h, s_w, _ = padded.stride()
+    windows = padded.as_strided(
+        (*plan.out_size, n, c, *kernel),
+        (s_h * stride[0], s_w * stride[1], s_n, 1, s_h * dilation[0], s_w * dilation[1]),
+    )
+    rows, cols = (t.to(x.device, non_blocking=True) for t in (columns.rows, columns.cols))
+    return windows[rows, cols].reshape(-1, c * kernel[0] * kernel[1])
+
+
+def _columns_forward(out, x, weight, region_weight, region_bias, plan: EdgePlan, geometry: tuple) -> None:
+    """Write the border boxes of a "columns" plan into `out`: one gather of their im2col rows, one matrix product
+    per box with its own filter, one scatter into the output."""
+    columns, n, channels = plan.columns, x.shape[0], weight.shape[0]
+    a = _border_columns(x, plan, geometry, weight.shape[2:])
+    y = a.new_empty(a.shape[0], channels)
+    for k, box in enumerate(plan.boxes[columns.first :]):
+        rows = slice(columns.starts[k] * n, columns.starts[k + 1] * n)
+        w = _filter(box.index, weight, region_weight, channels).reshape(channels, -1)
+        b = _filter(box.index, None, region_bias, channels)
+        if b is None:
+            torch.mm(a[rows], w.t(), out=y[rows])
+        else:
+            torch.addmm(b, a[rows], w.t(), out=y[rows])
+    rows, cols = (t.to(x.device, non_blocking=True) for t in (columns.rows, columns.cols))
+    out.permute(2, 3, 0, 1)[rows, cols] = y.view(-1, n, channels)
+
+
+def _columns_backward(grad_out, x, region_weight, plan: EdgePlan, geometry: tuple, gx, grw, grb, need_x: bool):
+    """Gradients of the border boxes of a "columns" plan: the region filters' and biases' written into their rows
+    of `grw` and `grb`, the input's added to `gx` (returned; created when None) through one scatter."""
+    columns, (n, c, h, w) = plan.columns, x.shape
+    channels = region_weight.shape[0] // len(REGIONS)
+    kernel = region_weight.shape[2:]
+    a = _border_columns(x, plan, geometry, kernel)
+    rows, cols = (t.to(x.device, non_blocking=True) for t in (columns.rows, columns.cols))
+    g = grad_out.permute(2, 3, 0, 1)[rows, cols].reshape(-1, channels)
+    ga = torch.empty_like(a) if need_x else None
+    for k, box in enumerate(plan.boxes[columns.first :]):
+        part = slice(columns.starts[k] * n, columns.starts[k + 1] * n)
+        bank = slice(box.index * channels, (box.index + 1) * channels)
+        if ga is not None:
+            torch.mm(g[part], _filter(box.index, None, region_weight, channels).reshape(channels, -1), out=ga[part])
+        if grw is not None:
+            if grw[bank].is_contiguous():
+                torch.mm(g[part].t(), a[part], out=grw[bank].view(channels, -1))
+            else:
+                grw[bank] = torch.mm(g[part].t(), a[part]).view(grw[bank].shape)
+        if grb is not None:
+            torch.sum(g[part], 0, out=grb[bank])
+    if ga is None:
+        return gx
+    # col2im: every (position, tap) adds its gradient row of channels into the padded input pixel it read.
+    taps = kernel[0] * kernel[1]
+    src = ga.view(-1, n, c, taps).permute(0, 3, 1, 2).reshape(-1, n, c)
+    padded = x.new_zeros(columns.padded[0] * columns.padded[1], n, c)
+    padded.index_add_(0, columns.taps.to(x.device, non_blocking=True), src)
+    pl, _, pt, _ = columns.padding
+    part = padded.view(*columns.padded, n, c).permute(2, 3, 0, 1)[:, :, pt : pt + h, pl : pl + w]
+    return torch.empty_like(x).copy_(part) if gx is None else gx.add_(part)
 
 
 def _computed_width(box: Box, stride: int, dilation: int, kernel: int) -> int:

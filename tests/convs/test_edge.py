@@ -219,7 +219,7 @@ def assert_matches_per_position(layer, x):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("strategy", ["auto", "strips", "boxes", "hybrid", "gemm"])
+@pytest.mark.parametrize("strategy", ["auto", "strips", "boxes", "columns"])
 def test_every_strategy_matches_the_per_position_reference(geometry, strategy):
     layer = EdgeConv2d(**geometry)
     layer.strategy = strategy
@@ -246,7 +246,7 @@ SMALL_MAPS = [
 ]
 
 
-@pytest.mark.parametrize("strategy", ["auto", "strips", "boxes", "hybrid", "gemm"])
+@pytest.mark.parametrize("strategy", ["auto", "strips", "boxes", "columns"])
 @pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "groups", "height", "width"), SMALL_MAPS)
 def test_small_dilated_and_partial_maps_match_the_per_position_reference(
     kernel, stride, padding, dilation, groups, height, width, strategy
@@ -256,27 +256,29 @@ def test_small_dilated_and_partial_maps_match_the_per_position_reference(
     assert_matches_per_position(layer, torch.randn(2, 4, height, width))
 
 
-def test_auto_plan_per_size_and_filter_bank():
-    """Auto plans: strips only for a thin frame; else every box once, as matrix products where filters are big."""
+def test_auto_plan_per_border_share():
+    """Auto plans: strips for a thin frame, a conv per box for a thin border, im2col products where the border is a
+    tenth of the map or more; every output once in the latter two."""
     layer = EdgeConv2d(2, 2, 3, padding=1)
     thin = layer.plan(256, 256)  # 1.6% of the outputs are border ones
     assert thin.strategy == "strips" and thin.boxes[0].out == (0, 256, 0, 256)  # the plain conv, then 8 strips
-    assert [box.index for box in thin.boxes[1:]] == list(range(len(REGIONS))) and not any(thin.gemm)
-    small = layer.plan(7, 7)  # 24 of 49 outputs are border ones; a small filter bank: oneDNN convs per box
-    assert small.strategy == "boxes" and not any(small.gemm)
+    assert [box.index for box in thin.boxes[1:]] == list(range(len(REGIONS))) and thin.columns is None
+    medium = layer.plan(56, 56)  # 7% border: one conv per box
+    assert medium.strategy == "boxes" and medium.columns is None and len(medium.boxes) == 9
+    small = layer.plan(7, 7)  # 24 of 49 outputs are border ones: the interior a conv, the border as products
+    assert small.strategy == "columns" and small.boxes[0].index == INTERIOR and small.columns.first == 1
     assert sorted((r1 - r0) * (c1 - c0) for _, (r0, r1, c0, c1), _, _ in small.boxes) == [1] * 4 + [5] * 4 + [25]
+    assert small.columns.starts == (0, 1, 6, 7, 12, 17, 18, 23, 24)  # the 8 border boxes' positions, in order
+    assert len(small.columns.taps) == 24 * 9
     dilated = EdgeConv2d(2, 2, 3, padding=6, dilation=6).plan(4, 8)  # ASPP: no interior, each output once
-    assert dilated.strategy == "boxes" and INTERIOR not in [box.index for box in dilated.boxes]
+    assert dilated.strategy == "columns" and dilated.columns.first == 0
     assert sum((r1 - r0) * (c1 - c0) for _, (r0, r1, c0, c1), _, _ in dilated.boxes) == 4 * 8
-    big = EdgeConv2d(256, 256, 3, padding=1).plan(14, 14)  # ResNet50's layer3: border boxes as matrix products
-    assert big.strategy == "hybrid" and big.boxes[0].index == INTERIOR
-    assert big.gemm == (False,) + (True,) * len(REGIONS)
-    tiny = EdgeConv2d(256, 256, 3, padding=1).plan(7, 7)  # a few dozen outputs: the interior as a product too
-    assert tiny.strategy == "gemm" and all(tiny.gemm)
+    grouped = EdgeConv2d(4, 4, 3, padding=1, groups=2).plan(7, 7)  # grouped: border boxes stay convs
+    assert grouped.strategy == "boxes" and grouped.columns is None
     assert layer.plan(256, 256) is thin
 
 
-@pytest.mark.parametrize("strategy", ["strips", "boxes", "hybrid", "gemm"])
+@pytest.mark.parametrize("strategy", ["strips", "boxes", "columns"])
 def test_output_memory_format_is_a_plain_convs(strategy):
     layer = EdgeConv2d(4, 6, 3, padding=1).to(memory_format=torch.channels_last)
     layer.strategy = strategy
@@ -291,7 +293,7 @@ def test_output_memory_format_is_a_plain_convs(strategy):
     assert layer(x.contiguous()).is_contiguous()
 
 
-@pytest.mark.parametrize("strategy", ["strips", "boxes", "hybrid", "gemm"])
+@pytest.mark.parametrize("strategy", ["strips", "boxes", "columns"])
 def test_bf16_autocast_matches_fp32(strategy):
     layer = EdgeConv2d(8, 8, 3, stride=2, padding=2, dilation=2)
     layer.strategy = strategy
@@ -316,7 +318,7 @@ def saved_storages(layer, x) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in saved} - params
 
 
-@pytest.mark.parametrize("strategy", ["strips", "boxes", "hybrid", "gemm"])
+@pytest.mark.parametrize("strategy", ["strips", "boxes", "columns"])
 def test_saves_only_the_input_and_the_filters(strategy):
     """One autograd node that keeps what a plain conv keeps: no strips, patches, columns or padded copies."""
     layer = EdgeConv2d(4, 6, 3, padding=2, dilation=2)
