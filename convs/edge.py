@@ -24,9 +24,12 @@ INTERIOR = -1  # filter index of the interior box in a plan: `weight` and `bias`
 # its cost per box is a conv call. Where the border is a tenth of the map or more (28 x 28 maps and smaller, the
 # segmentation demo's 16 x 32 and 8 x 16 maps, dilated layers), the border boxes are gathered as im2col rows and
 # multiplied by their filters, one matrix product per box ("columns"): 1.4-2x faster than "boxes" there, but it
-# copies the whole padded input, which costs more than it saves on large maps.
+# copies the whole padded input, which costs more than it saves on large maps. Its im2col rows hold up to 9 times
+# the input (kernel area times), so it is left to layers whose rows stay small: the thesis model's ASPP branches
+# (2048 channels, dilation 12-36 on a 64 x 128 map) would gather over a gigabyte and keep "boxes".
 STRIPS_MAX_BORDER_SHARE = 0.03
 COLUMNS_MIN_BORDER_SHARE = 0.1
+COLUMNS_MAX_ELEMENTS = 2**22  # im2col elements of one image's border boxes (16 MB in fp32)
 
 
 class Box(NamedTuple):
@@ -225,7 +228,8 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
         strategy = self.strategy
         if strategy == "auto":
             strategy = "strips" if share <= STRIPS_MAX_BORDER_SHARE else "boxes"
-            if share >= COLUMNS_MIN_BORDER_SHARE:
+            elements = share * rows.out * cols.out * self.weight[0].numel() * self.groups
+            if share >= COLUMNS_MIN_BORDER_SHARE and elements <= COLUMNS_MAX_ELEMENTS:
                 strategy = "columns"
         if strategy == "columns" and self.groups != 1:
             strategy = "boxes"  # a grouped conv's border boxes stay convs (one matrix product per group is slower)

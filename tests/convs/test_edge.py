@@ -275,6 +275,9 @@ def test_auto_plan_per_border_share():
     assert sum((r1 - r0) * (c1 - c0) for _, (r0, r1, c0, c1), _, _ in dilated.boxes) == 4 * 8
     grouped = EdgeConv2d(4, 4, 3, padding=1, groups=2).plan(7, 7)  # grouped: border boxes stay convs
     assert grouped.strategy == "boxes" and grouped.columns is None
+    # A wide input with a wide border (as the thesis' ASPP): its im2col rows would be big, so a conv per box.
+    wide = EdgeConv2d(512, 2, 3, padding=12, dilation=12).plan(64, 128)
+    assert wide.strategy == "boxes" and wide.columns is None
     assert layer.plan(256, 256) is thin
 
 
