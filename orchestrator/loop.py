@@ -34,6 +34,9 @@ from .weights import initialize, parse_init, start_is_open
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FAILURE_KEY = "failure"  # in a trial's last report and summary: why it stopped early (a diverged loss)
+# Training batches between two host reads of the loss: in between, the losses stay on the device and a GPU runs
+# ahead of the Python loop instead of waiting for each batch's `.item()`.
+LOSS_READ_EVERY = 32
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ class Tracker(Protocol):
 
 
 class DivergedError(RuntimeError):
-    """The training loss became NaN or infinite: the trial stops at once, marked failed with this message."""
+    """The training loss became NaN or infinite: the trial stops, marked failed with this message."""
 
 
 def seed_everything(seed: int) -> None:
@@ -201,17 +204,21 @@ def train_one_epoch(
     """One pass over the (sharded) training loader; returns the mean loss over all workers' batches.
 
     Runs in `preset.amp` precision; `scaler` scales the loss for fp16 (a disabled scaler, or None, changes nothing).
-    Raises `DivergedError` at the first batch whose loss is NaN or infinite. Under DDP each batch's loss is averaged
-    over the workers first (the one float the loss log needs anyway), so every worker stops at the same batch: one
-    that stopped alone would leave the others waiting in the next gradient all-reduce.
+    The losses are read on the host every `LOSS_READ_EVERY` batches and at the end of the epoch, not after each
+    batch (a GPU never waits for the loop). Raises `DivergedError` naming the first batch whose loss is NaN or
+    infinite, at the read that sees it: a diverged trial trains at most `LOSS_READ_EVERY - 1` batches more, on
+    weights it then throws away (its last checkpoint is from the last good epoch). Under DDP each batch's loss is
+    averaged over the workers at the read (the one collective the loss log needs anyway), so every worker stops
+    at the same batch: one that stopped alone would leave the others waiting in the next gradient all-reduce.
     """
     model.train()
     if scaler is None:
         scaler = torch.amp.GradScaler(device.type, enabled=False)
     set_epoch(loader, epoch)
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    total, count = 0.0, 0
-    for batch, (inputs, targets) in enumerate(itertools.islice(loader, preset.max_batches)):
+    values: list[float] = []
+    pending: list[torch.Tensor] = []  # losses of the batches since the last read, on the device
+    for inputs, targets in itertools.islice(loader, preset.max_batches):
         inputs, targets = to_device(inputs, device), to_device(targets, device)
         with autocast(device, preset.amp):
             loss = task.loss(forward(model, inputs), targets, preset)
@@ -219,21 +226,35 @@ def train_one_epoch(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        value = loss.detach().float()
-        if world_size > 1:
-            dist.all_reduce(value)
-            value /= world_size
-        value = value.item()
+        pending.append(loss.detach().float())
+        if len(pending) == LOSS_READ_EVERY:
+            values += read_losses(pending, len(values), epoch, optimizer, world_size)
+            pending = []
+    if pending:
+        values += read_losses(pending, len(values), epoch, optimizer, world_size)
+    return math.fsum(values) / max(len(values), 1)
+
+
+def read_losses(
+    losses: list[torch.Tensor], first: int, epoch: int, optimizer: torch.optim.Optimizer, world_size: int
+) -> list[float]:
+    """The batch losses `losses` (of batches `first`, `first + 1`, ...) on the host, averaged over the workers
+    under DDP: one collective and one device-to-host copy for all of them. Raises `DivergedError` naming the first
+    that is not finite."""
+    stacked = torch.stack(losses)
+    if world_size > 1:
+        dist.all_reduce(stacked)
+        stacked /= world_size
+    values = stacked.tolist()
+    for batch, value in enumerate(values, start=first):
         if not math.isfinite(value):
             lr = optimizer.param_groups[0]["lr"]
             raise DivergedError(
-                f"diverged: train/loss is {value} at epoch {epoch} batch {batch} (lr {lr:g}); the trial stopped there. "
+                f"diverged: train/loss is {value} at epoch {epoch} batch {batch} (lr {lr:g}); the trial stopped. "
                 "Lower the learning rate (the preset's lr, or --search optuna --space lr=...), or use --amp bf16/off "
                 "if fp16 overflowed"
             )
-        total += value
-        count += 1
-    return total / max(count, 1)
+    return values
 
 
 def train_batches(loader: DataLoader, preset: Preset) -> int:

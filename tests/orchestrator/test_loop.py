@@ -8,9 +8,11 @@ import torch
 
 import convs
 from orchestrator.config import TrialConfig
+from orchestrator import loop
 from orchestrator.loop import (
     CHECKPOINT_FILE,
     FAILURE_KEY,
+    DivergedError,
     build_optimizer,
     prepare,
     train,
@@ -245,3 +247,41 @@ def test_a_diverging_trial_stops_at_the_first_bad_batch_and_says_why(cache, tmp_
     ((metrics, folder),) = reports  # once, with nothing to resume from: the last good checkpoint stays the last
     assert folder is None and metrics[FAILURE_KEY] == out[FAILURE_KEY] and metrics["epoch"] == 0
     assert [c[0] for c in tracker.calls] == ["epoch", "failure"] and tracker.calls[1][1] == out[FAILURE_KEY]
+
+
+class BreaksAt(torch.nn.Module):
+    """`model`, whose logits become non-finite after its `at`-th call (calls counted in `calls`)."""
+
+    def __init__(self, model, at):
+        super().__init__()
+        self.model, self.at, self.calls = model, at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.model(x)
+        return out * torch.inf if self.calls > self.at else out
+
+
+def test_losses_are_read_once_per_window_and_name_the_first_bad_batch(cache, monkeypatch):
+    """The loop reads the losses on the host every LOSS_READ_EVERY batches, not after each one: a loss that turns
+    non-finite at batch 5 with windows of 4 stops the epoch at the end of that window (batch 7), and the failure
+    names batch 5. A finite epoch's mean loss is the same whatever the window."""
+    task, preset, root = prepare(config(cache, overrides={"max_batches": 10, "batch_size": 8}))
+    train_loader, _ = task.build_loaders(root, preset, rank=0, world_size=1, seed=0, workers=0)
+    assert loop.train_batches(train_loader, preset) == 10  # two full windows and a partial one
+    monkeypatch.setattr(loop, "LOSS_READ_EVERY", 4)
+    torch.manual_seed(0)
+    model = BreaksAt(task.build_model(preset, num_classes=4), at=5)
+    optimizer = build_optimizer(model, preset)
+    with pytest.raises(DivergedError, match=r"^diverged: train/loss is (nan|inf) at epoch 3 batch 5 \(lr "):
+        train_one_epoch(model, task, train_loader, optimizer, torch.device("cpu"), preset, 3)
+    assert model.calls == 8  # batches 0-7: the window holding batch 5 ran to its end, no further
+
+    means = []
+    for window in (4, 1):
+        monkeypatch.setattr(loop, "LOSS_READ_EVERY", window)
+        torch.manual_seed(0)
+        model = task.build_model(preset, num_classes=4)
+        optimizer = build_optimizer(model, preset)
+        means.append(train_one_epoch(model, task, train_loader, optimizer, torch.device("cpu"), preset, 0))
+    assert means[0] == means[1] and means[0] > 0
