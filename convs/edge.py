@@ -54,7 +54,8 @@ class Columns(NamedTuple):
     box, a oneDNN/cuDNN conv). `rows`, `cols`: output row and column of every border position, box after box (row
     major within a box). `taps`: for every border position and kernel tap (row major), the flat index of the input
     pixel it reads in the zero-padded map (`padded` height x width, `padding` left, right, top, bottom). `starts`:
-    the first position of each border box in `rows`, then their count. CPU tensors, moved along with the input.
+    the first position of each border box in `rows`, then their count. `rows`, `cols` and `taps` are CPU tensors;
+    `on(device)` gives them on the input's device, copied there once (a copy per call would make the host wait).
     """
 
     first: int
@@ -64,6 +65,17 @@ class Columns(NamedTuple):
     starts: tuple[int, ...]
     padded: tuple[int, int]
     padding: tuple[int, int, int, int]
+    moved: dict[torch.device, tuple[torch.Tensor, ...]]
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`rows`, `cols` and `taps` on `device`."""
+        if device.type == "cpu":
+            return self.rows, self.cols, self.taps
+        if torch.compiler.is_compiling():  # the graph holds them as constants; no cache to guard on
+            return tuple(t.to(device) for t in (self.rows, self.cols, self.taps))
+        if device not in self.moved:
+            self.moved[device] = tuple(t.to(device) for t in (self.rows, self.cols, self.taps))
+        return self.moved[device]
 
 
 class EdgePlan(NamedTuple):
@@ -263,7 +275,7 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
         tap_rows = r[:, None] * sh + torch.arange(kh) * dh  # padded input row of each position's kernel rows
         tap_cols = c[:, None] * sw + torch.arange(kw) * dw
         taps = (tap_rows[:, :, None] * padded[1] + tap_cols[:, None, :]).flatten()
-        return Columns(first, r, c, taps, tuple(starts), padded, (pl, pr, pt, pb))
+        return Columns(first, r, c, taps, tuple(starts), padded, (pl, pr, pt, pb), {})
 
     def _boxes(self, height: int, width: int, cpu: bool, interior: bool) -> tuple[Box, ...]:
         """The border boxes in `REGIONS` order, or (`interior`) the interior box alone (if the map has one)."""
@@ -473,7 +485,7 @@ def _border_columns(x: torch.Tensor, plan: EdgePlan, geometry: tuple, kernel: tu
         (*plan.out_size, n, c, *kernel),
         (s_h * stride[0], s_w * stride[1], s_n, 1, s_h * dilation[0], s_w * dilation[1]),
     )
-    rows, cols = (t.to(x.device, non_blocking=True) for t in (columns.rows, columns.cols))
+    rows, cols, _ = columns.on(x.device)
     return windows[rows, cols].reshape(-1, c * kernel[0] * kernel[1])
 
 
@@ -491,7 +503,7 @@ def _columns_forward(out, x, weight, region_weight, region_bias, plan: EdgePlan,
             torch.mm(a[rows], w.t(), out=y[rows])
         else:
             torch.addmm(b, a[rows], w.t(), out=y[rows])
-    rows, cols = (t.to(x.device, non_blocking=True) for t in (columns.rows, columns.cols))
+    rows, cols, _ = columns.on(x.device)
     out.permute(2, 3, 0, 1)[rows, cols] = y.view(-1, n, channels)
 
 
@@ -502,7 +514,7 @@ def _columns_backward(grad_out, x, region_weight, plan: EdgePlan, geometry: tupl
     channels = region_weight.shape[0] // len(REGIONS)
     kernel = region_weight.shape[2:]
     a = _border_columns(x, plan, geometry, kernel)
-    rows, cols = (t.to(x.device, non_blocking=True) for t in (columns.rows, columns.cols))
+    rows, cols, taps = columns.on(x.device)
     g = grad_out.permute(2, 3, 0, 1)[rows, cols].reshape(-1, channels)
     ga = torch.empty_like(a) if need_x else None
     for k, box in enumerate(plan.boxes[columns.first :]):
@@ -520,10 +532,9 @@ def _columns_backward(grad_out, x, region_weight, plan: EdgePlan, geometry: tupl
     if ga is None:
         return gx
     # col2im: every (position, tap) adds its gradient row of channels into the padded input pixel it read.
-    taps = kernel[0] * kernel[1]
-    src = ga.view(-1, n, c, taps).permute(0, 3, 1, 2).reshape(-1, n, c)
+    src = ga.view(-1, n, c, kernel[0] * kernel[1]).permute(0, 3, 1, 2).reshape(-1, n, c)
     padded = x.new_zeros(columns.padded[0] * columns.padded[1], n, c)
-    padded.index_add_(0, columns.taps.to(x.device, non_blocking=True), src)
+    padded.index_add_(0, taps, src)
     pl, _, pt, _ = columns.padding
     part = padded.view(*columns.padded, n, c).permute(2, 3, 0, 1)[:, :, pt : pt + h, pl : pl + w]
     return torch.empty_like(x).copy_(part) if gx is None else gx.add_(part)

@@ -281,6 +281,18 @@ def test_auto_plan_per_border_share():
     assert layer.plan(256, 256) is thin
 
 
+def test_columns_index_tensors_move_to_a_device_once():
+    """A "columns" plan's index tensors go to the input's device once and are reused (a copy from the host on
+    every call would make the host wait for the device); on the CPU they are the plan's own."""
+    columns = EdgeConv2d(2, 2, 3, padding=1).plan(7, 7).columns
+    on_cpu = columns.on(torch.device("cpu"))
+    assert all(a is b for a, b in zip(on_cpu, (columns.rows, columns.cols, columns.taps), strict=True))
+    meta = torch.device("meta")  # a device other than the CPU that needs no hardware
+    moved = columns.on(meta)
+    assert all(t.device == meta for t in moved) and columns.on(meta) is moved
+    assert [t.shape for t in moved] == [columns.rows.shape, columns.cols.shape, columns.taps.shape]
+
+
 @pytest.mark.parametrize("strategy", ["strips", "boxes", "columns"])
 def test_output_memory_format_is_a_plain_convs(strategy):
     layer = EdgeConv2d(4, 6, 3, padding=1).to(memory_format=torch.channels_last)
