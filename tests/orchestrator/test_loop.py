@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import convs
-from orchestrator.config import TrialConfig
 from orchestrator import loop
+from orchestrator.config import TrialConfig
 from orchestrator.loop import (
     CHECKPOINT_FILE,
     FAILURE_KEY,
