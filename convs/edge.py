@@ -495,14 +495,14 @@ def _columns_forward(out, x, weight, region_weight, region_bias, plan: EdgePlan,
     columns, n, channels = plan.columns, x.shape[0], weight.shape[0]
     a = _border_columns(x, plan, geometry, weight.shape[2:])
     y = a.new_empty(a.shape[0], channels)
+    banks = region_weight.reshape(len(REGIONS), channels, -1)  # filter i as a (channels, C * kh * kw) matrix
+    biases = None if region_bias is None else region_bias.view(len(REGIONS), channels)
     for k, box in enumerate(plan.boxes[columns.first :]):
         rows = slice(columns.starts[k] * n, columns.starts[k + 1] * n)
-        w = _filter(box.index, weight, region_weight, channels).reshape(channels, -1)
-        b = _filter(box.index, None, region_bias, channels)
-        if b is None:
-            torch.mm(a[rows], w.t(), out=y[rows])
+        if biases is None:
+            torch.mm(a[rows], banks[box.index].t(), out=y[rows])
         else:
-            torch.addmm(b, a[rows], w.t(), out=y[rows])
+            torch.addmm(biases[box.index], a[rows], banks[box.index].t(), out=y[rows])
     rows, cols, _ = columns.on(x.device)
     out.permute(2, 3, 0, 1)[rows, cols] = y.view(-1, n, channels)
 
@@ -517,18 +517,21 @@ def _columns_backward(grad_out, x, region_weight, plan: EdgePlan, geometry: tupl
     rows, cols, taps = columns.on(x.device)
     g = grad_out.permute(2, 3, 0, 1)[rows, cols].reshape(-1, channels)
     ga = torch.empty_like(a) if need_x else None
+    banks = region_weight.reshape(len(REGIONS), channels, -1)  # filter i as a (channels, C * kh * kw) matrix
+    # The filters' gradients straight into `grw` where it is laid out as `banks` (else through one copy at the end).
+    bank_grads = None if grw is None else grw.view(banks.shape) if grw.is_contiguous() else torch.empty_like(banks)
+    bias_grads = None if grb is None else grb.view(len(REGIONS), channels)
     for k, box in enumerate(plan.boxes[columns.first :]):
         part = slice(columns.starts[k] * n, columns.starts[k + 1] * n)
-        bank = slice(box.index * channels, (box.index + 1) * channels)
         if ga is not None:
-            torch.mm(g[part], _filter(box.index, None, region_weight, channels).reshape(channels, -1), out=ga[part])
-        if grw is not None:
-            if grw[bank].is_contiguous():
-                torch.mm(g[part].t(), a[part], out=grw[bank].view(channels, -1))
-            else:
-                grw[bank] = torch.mm(g[part].t(), a[part]).view(grw[bank].shape)
-        if grb is not None:
-            torch.sum(g[part], 0, out=grb[bank])
+            torch.mm(g[part], banks[box.index], out=ga[part])
+        if bank_grads is not None:
+            torch.mm(g[part].t(), a[part], out=bank_grads[box.index])
+        if bias_grads is not None:
+            torch.sum(g[part], 0, out=bias_grads[box.index])
+    if bank_grads is not None and not grw.is_contiguous():  # e.g. channels_last filters
+        for box in plan.boxes[columns.first :]:
+            grw[box.index * channels : (box.index + 1) * channels] = bank_grads[box.index].view(channels, *grw.shape[1:])
     if ga is None:
         return gx
     # col2im: every (position, tap) adds its gradient row of channels into the padded input pixel it read.

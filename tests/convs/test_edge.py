@@ -1,5 +1,7 @@
 """EdgeConv2d against a brute-force reference: nine full convolutions selected by an independent region map."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -306,6 +308,24 @@ def test_output_memory_format_is_a_plain_convs(strategy):
     assert out.is_contiguous() == plain.is_contiguous()
     layer = layer.to(memory_format=torch.contiguous_format)
     assert layer(x.contiguous()).is_contiguous()
+
+
+@pytest.mark.parametrize("strategy", ["strips", "boxes", "columns"])
+def test_channels_last_filters_get_the_same_gradients(strategy):
+    """A layer moved to channels_last (its filters too) computes and differentiates as the contiguous one."""
+    torch.manual_seed(0)
+    layer = EdgeConv2d(4, 6, 3, padding=1, bias=True)
+    layer.strategy = strategy
+    twin = copy.deepcopy(layer).to(memory_format=torch.channels_last)
+    assert not twin.region_weight.is_contiguous()
+    x = torch.randn(2, 4, 7, 9)
+    grads = []
+    for net, inp in ((layer, x), (twin, x.to(memory_format=torch.channels_last))):
+        out = net(inp)
+        out.backward(torch.ones_like(out))
+        grads.append([p.grad for p in net.parameters()])
+    for g, g_cl in zip(*grads, strict=True):
+        torch.testing.assert_close(g_cl, g, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["strips", "boxes", "columns"])
