@@ -531,7 +531,9 @@ def _columns_backward(grad_out, x, region_weight, plan: EdgePlan, geometry: tupl
             torch.sum(g[part], 0, out=bias_grads[box.index])
     if bank_grads is not None and not grw.is_contiguous():  # e.g. channels_last filters
         for box in plan.boxes[columns.first :]:
-            grw[box.index * channels : (box.index + 1) * channels] = bank_grads[box.index].view(channels, *grw.shape[1:])
+            grw[box.index * channels : (box.index + 1) * channels] = bank_grads[box.index].view(
+                channels, *grw.shape[1:]
+            )
     if ga is None:
         return gx
     # col2im: every (position, tap) adds its gradient row of channels into the padded input pixel it read.
