@@ -1,12 +1,14 @@
 """--storage s3:// and --artifact-location s3:// against moto's S3 server on 127.0.0.1, with AWS_ENDPOINT_URL alone
 selecting it: one real sweep (Tune state, checkpoints, MLflow artifacts in the bucket; resumed from it; no
-planted secret anywhere), the checks made before Ray starts, and the shared-storage check of a local path."""
+planted secret anywhere) and a two-worker one (Ray Train's state and checkpoints in the bucket), the checks made
+before Ray starts, and the shared-storage check of a local path."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from orchestrator.cli import CliError
 from .s3_server import BUCKET, FAKE, SECRETS, S3Server, point_at
 
 NAME = "s3sweep"
+DDP_NAME = "s3ddp"  # a sweep of one two-worker trial: through Ray Train, not the Tune function alone
 STORAGE = f"s3://{BUCKET}/sweeps"
 ARTIFACTS = f"s3://{BUCKET}/mlflow"
 VARIANTS = ("zero", "partial")
@@ -55,6 +58,8 @@ class S3Sweep:
     output: str  # everything both runs printed (stdout and stderr, ours, Ray's and MLflow's)
     ray_results: list[Path]  # the local files of Tune and Train results (Ray's staging of what goes to the storage)
     workers_env: dict  # the planted secrets as a Ray worker sees them
+    ddp: list  # the results of the two-worker sweep (its own MLflow store: ddp_tracking_uri)
+    ddp_tracking_uri: str
 
 
 @contextlib.contextmanager
@@ -117,11 +122,15 @@ def s3_sweep(request, moto_s3, tmp_path_factory) -> S3Sweep:
             }
             objects = moto_s3.objects()
             resumed = sweep.main(["--resume", "--name", NAME, "--storage", STORAGE])
+            ddp_uri = f"sqlite:///{root / 'ddp.db'}"
+            ddp_args = ["--task", "classification", "--preset", "smoke", "--epochs", "2", "--variants", "zero"]
+            ddp_args += ["--seeds", "1", "--workers-per-trial", "2", "--storage", STORAGE, "--tracking-uri", ddp_uri]
+            ddp = sweep.main([*ddp_args, "--name", DDP_NAME])
     session = Path(ray._private.worker._global_node.get_session_dir_path())
     ray_results = [f for f in (session / "artifacts").rglob("*") if f.is_file() and NAME in str(f)]
     output = (root / "output.txt").read_text(errors="replace")
     workers_env = {k: v for k, v in seen.items() if k in SECRETS}
-    return S3Sweep(moto_s3, uri, results, resumed, runs, objects, output, ray_results, workers_env)
+    return S3Sweep(moto_s3, uri, results, resumed, runs, objects, output, ray_results, workers_env, ddp, ddp_uri)
 
 
 def _children(s: S3Sweep):
@@ -189,6 +198,31 @@ def test_resume_reads_the_sweep_back_from_s3(s3_sweep):
     assert all(len(client.get_metric_history(c.info.run_id, "val/top1")) == 2 for c in children)
     trials = s3_sweep.server.objects(prefix=f"sweeps/{NAME}/run_trial_")  # no report and no checkpoint added
     assert trials == {k: v for k, v in s3_sweep.objects.items() if k.startswith(f"sweeps/{NAME}/run_trial_")}
+
+
+@pytest.mark.slow
+def test_a_two_worker_trial_keeps_ray_train_state_in_the_bucket_and_drops_its_checkpoints(s3_sweep):
+    """A trial of two workers trains through Ray Train, whose run state and checkpoints go to the bucket under
+    train/; once the trial has finished, its resume checkpoints are gone from there, and nothing was checkpointed
+    through Tune."""
+    (result,) = s3_sweep.ddp
+    assert result.status == "ok" and result.metrics["epoch"] == 1
+    prefix = f"sweeps/{DDP_NAME}/"
+    keys = set(s3_sweep.server.objects(prefix=prefix))
+    train = f"{prefix}train/train-{result.trial_id}/"
+    # Train's run state is in the bucket, and names the checkpoints Train wrote there: they are gone.
+    snapshot = json.loads(s3_sweep.server.read(train + "checkpoint_manager_snapshot.json"))
+    written = {c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]}
+    assert written and not [k for k in keys if any(k.startswith(train + name) for name in written)]
+    assert not [k for k in keys if re.match(rf"{prefix}run_trial_[^/]+/checkpoint_", k)]
+    client = MlflowClient(s3_sweep.ddp_tracking_uri)
+    (child,) = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("classification").experiment_id])
+        if "mlflow.parentRunId" in r.data.tags
+    ]
+    assert child.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "val/top1")) == [0, 1]
 
 
 @pytest.mark.slow
