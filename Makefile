@@ -33,6 +33,7 @@ test-fast: setup
 bench: setup
 	$(PY) -m benchmarks.convs
 	$(PY) -m benchmarks.segmentation
+	$(PY) -m benchmarks.edge_layers
 	$(PY) -m benchmarks.sweep
 	$(PY) -m benchmarks.data
 	$(PY) -m benchmarks.retrieval  # the thesis' scale (1M x 256 gallery): long on a laptop, see its --help

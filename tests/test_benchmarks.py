@@ -6,6 +6,7 @@ import pytest
 
 from benchmarks import convs as bench_convs
 from benchmarks import data as bench_data
+from benchmarks import edge_layers as bench_edge_layers
 from benchmarks import retrieval as bench_retrieval
 from benchmarks import segmentation as bench_segmentation
 from benchmarks import sweep as bench_sweep
@@ -26,6 +27,24 @@ def test_segmentation_benchmark_prints_both_tables(capsys):
 def test_segmentation_benchmark_refuses_an_empty_evaluation_batch():
     with pytest.raises(CliError, match="--eval-batch must be at least 1, got 0"):
         bench_segmentation.main(["--device", "cpu", "--height", "32", "--eval-batch", "0", "--rounds", "1"])
+
+
+def test_edge_layers_benchmark_prints_every_padded_conv_and_the_total(capsys):
+    bench_edge_layers.main(["--device", "cpu", "--height", "16", "--batch", "2", "--rounds", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    header, layers, total = rows[0], rows[1:-1], rows[-1]
+    assert [c.strip() for c in header[-5:]] == ["plain", "auto", "strips", "boxes", "columns"]
+    # the segmentation cpu model's 14 padded convs (stem, 4 + 4 in layer1-2, 3 ASPP branches, 2 in the decoder)
+    assert len(layers) == 14 and layers[0][0].strip() == "stem.0" and total[0].strip() == "all"
+    assert {row[4].strip() for row in layers} <= {"strips", "boxes", "columns"}
+    assert all(re.fullmatch(r"\d+\.\d+ \(\d+\.\dx\)", cell.strip()) for row in layers for cell in row[6:])
+
+
+@pytest.mark.parametrize(("flag", "value", "low"), [("--rounds", "0", 1), ("--batch", "0", 1), ("--warmup", "-1", 0)])
+def test_edge_layers_benchmark_refuses_counts_below_their_minimum(flag, value, low):
+    with pytest.raises(CliError, match=f"{flag} must be at least {low}, got {value}"):
+        bench_edge_layers.main(["--device", "cpu", flag, value])
 
 
 def test_convs_benchmark_prints_ratios(capsys):
