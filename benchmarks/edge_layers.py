@@ -18,7 +18,6 @@ from torch import nn
 
 import convs
 from benchmarks.common import describe, interleaved, median, pick_device, table
-from convs.geometry import conv_plans
 from orchestrator.cli import ArgumentParser, CliError
 from tasks import get_task
 
@@ -87,13 +86,6 @@ def cases(layer: convs.EdgeConv2d, shape: torch.Size, device: torch.device) -> d
     return {"plain": plain, **{strategy: edge(strategy) for strategy in STRATEGIES}}
 
 
-def border_share(layer: convs.EdgeConv2d, height: int, width: int) -> float:
-    """The share of the layer's outputs whose window reaches into the padding."""
-    rows, cols = conv_plans(layer, height, width)
-    (h0, h1), (w0, w1) = rows.spans[1], cols.spans[1]
-    return 1 - (h1 - h0) * (w1 - w0) / (rows.out * cols.out)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m benchmarks.edge_layers", description=__doc__)
     parser.add_argument("--model", choices=("segmentation", "resnet50"), default="segmentation")
@@ -124,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         plan = layer.plan(inp[2], inp[3], cpu=device.type == "cpu").strategy
         geometry = f"{layer.kernel_size[0]}x{layer.kernel_size[1]} s{layer.stride[0]} d{layer.dilation[0]}"
         cells = [f"{times[s] * 1e3:.2f} ({times[s] / times['plain']:.1f}x)" for s in STRATEGIES]
-        share = f"{border_share(layer, inp[2], inp[3]):.0%}"
+        share = f"{layer.border_share(inp[2], inp[3]):.0%}"
         rows.append([name, " x ".join(map(str, inp[1:])), geometry, share, plan, f"{times['plain'] * 1e3:.2f}", *cells])
     cells = [f"{totals[s] * 1e3:.1f} ({totals[s] / totals['plain']:.1f}x)" for s in STRATEGIES]
     rows.append(["all", "", "", "", "", f"{totals['plain'] * 1e3:.1f}", *cells])

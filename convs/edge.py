@@ -232,11 +232,16 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
         key = (height, width, cpu, self.strategy)
         return self._plan_cache.lookup(key, lambda: self._find_plan(height, width, cpu))
 
+    def border_share(self, height: int, width: int) -> float:
+        """The share of the outputs for an input of this size whose window reaches into the padding."""
+        rows, cols = conv_plans(self, height, width)
+        (h0, h1), (w0, w1) = rows.spans[1], cols.spans[1]
+        return 1 - (h1 - h0) * (w1 - w0) / (rows.out * cols.out)
+
     def _find_plan(self, height: int, width: int, cpu: bool) -> EdgePlan:
         rows, cols = conv_plans(self, height, width)
         border = self._boxes(height, width, cpu, False)
-        (h0, h1), (w0, w1) = rows.spans[1], cols.spans[1]
-        share = 1 - (h1 - h0) * (w1 - w0) / (rows.out * cols.out)
+        share = self.border_share(height, width)
         strategy = self.strategy
         if strategy == "auto":
             strategy = "strips" if share <= STRIPS_MAX_BORDER_SHARE else "boxes"

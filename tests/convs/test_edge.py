@@ -267,6 +267,7 @@ def test_auto_plan_per_border_share():
     assert [box.index for box in thin.boxes[1:]] == list(range(len(REGIONS))) and thin.columns is None
     medium = layer.plan(56, 56)  # 7% border: one conv per box
     assert medium.strategy == "boxes" and medium.columns is None and len(medium.boxes) == 9
+    assert layer.border_share(7, 7) == 24 / 49 and layer.border_share(256, 256) == 1 - 254**2 / 256**2
     small = layer.plan(7, 7)  # 24 of 49 outputs are border ones: the interior a conv, the border as products
     assert small.strategy == "columns" and small.boxes[0].index == INTERIOR and small.columns.first == 1
     assert sorted((r1 - r0) * (c1 - c0) for _, (r0, r1, c0, c1), _, _ in small.boxes) == [1] * 4 + [5] * 4 + [25]
