@@ -26,10 +26,19 @@ INTERIOR = -1  # filter index of the interior box in a plan: `weight` and `bias`
 # multiplied by their filters, one matrix product per box ("columns"): 1.4-2x faster than "boxes" there, but it
 # copies the whole padded input, which costs more than it saves on large maps. Its im2col rows hold up to 9 times
 # the input (kernel area times), so it is left to layers whose rows stay small: the thesis model's ASPP branches
-# (2048 channels, dilation 12-36 on a 64 x 128 map) would gather over a gigabyte and keep "boxes".
+# (2048 channels, dilation 12-36 on a 64 x 128 map) would gather over a gigabyte and keep "boxes" on the CPU.
+#
+# On a GPU (measured on an H200, cuDNN, bf16 autocast, channels_last; `benchmarks.edge_layers --device cuda`) a
+# layer's time is mostly its kernel launches, so "columns" (a fixed handful of them) beats "boxes" (a conv per
+# box) at any border share while its rows stay small. Large rows go to "boxes" (1024-channel layers on 64 x 128
+# maps: 1.2x faster than "columns"), except where the border is a large share of a dilated map: there cuDNN
+# computes the thin, dilated box convs 100 times slower than the plain conv (the thesis model's ASPP at dilation
+# 12 and 24: 300 ms a layer against 18-20 ms for "columns", which gathers up to 300 MB per image in bf16).
 STRIPS_MAX_BORDER_SHARE = 0.03
 COLUMNS_MIN_BORDER_SHARE = 0.1
 COLUMNS_MAX_ELEMENTS = 2**22  # im2col elements of one image's border boxes (16 MB in fp32)
+GPU_COLUMNS_MIN_BORDER_SHARE = 0.4  # on a GPU, above COLUMNS_MAX_ELEMENTS: columns from this border share on
+GPU_COLUMNS_MAX_ELEMENTS = 2**28  # ... up to this many elements per image (512 MB in bf16)
 
 
 class Box(NamedTuple):
@@ -246,7 +255,12 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
         if strategy == "auto":
             strategy = "strips" if share <= STRIPS_MAX_BORDER_SHARE else "boxes"
             elements = share * rows.out * cols.out * self.weight[0].numel() * self.groups
-            if share >= COLUMNS_MIN_BORDER_SHARE and elements <= COLUMNS_MAX_ELEMENTS:
+            if cpu:
+                if share >= COLUMNS_MIN_BORDER_SHARE and elements <= COLUMNS_MAX_ELEMENTS:
+                    strategy = "columns"
+            elif elements <= COLUMNS_MAX_ELEMENTS or (
+                share >= GPU_COLUMNS_MIN_BORDER_SHARE and elements <= GPU_COLUMNS_MAX_ELEMENTS
+            ):
                 strategy = "columns"
         if strategy == "columns" and self.groups != 1:
             strategy = "boxes"  # a grouped conv's border boxes stay convs (one matrix product per group is slower)

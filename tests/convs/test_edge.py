@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from convs import REGIONS, EdgeConv2d
-from convs.edge import INTERIOR
+from convs.edge import GPU_COLUMNS_MAX_ELEMENTS, GPU_COLUMNS_MIN_BORDER_SHARE, INTERIOR
 from convs.geometry import side_padding
 
 SHAPE = (2, 13, 11)
@@ -259,29 +259,52 @@ def test_small_dilated_and_partial_maps_match_the_per_position_reference(
 
 
 def test_auto_plan_per_border_share():
-    """Auto plans: strips for a thin frame, a conv per box for a thin border, im2col products where the border is a
-    tenth of the map or more; every output once in the latter two."""
+    """Auto plans on the CPU: strips for a thin frame, a conv per box for a thin border, im2col products where the
+    border is a tenth of the map or more; every output once in the latter two."""
     layer = EdgeConv2d(2, 2, 3, padding=1)
-    thin = layer.plan(256, 256)  # 1.6% of the outputs are border ones
+    thin = layer.plan(256, 256, cpu=True)  # 1.6% of the outputs are border ones
     assert thin.strategy == "strips" and thin.boxes[0].out == (0, 256, 0, 256)  # the plain conv, then 8 strips
     assert [box.index for box in thin.boxes[1:]] == list(range(len(REGIONS))) and thin.columns is None
-    medium = layer.plan(56, 56)  # 7% border: one conv per box
+    medium = layer.plan(56, 56, cpu=True)  # 7% border: one conv per box
     assert medium.strategy == "boxes" and medium.columns is None and len(medium.boxes) == 9
     assert layer.border_share(7, 7) == 24 / 49 and layer.border_share(256, 256) == 1 - 254**2 / 256**2
-    small = layer.plan(7, 7)  # 24 of 49 outputs are border ones: the interior a conv, the border as products
+    small = layer.plan(7, 7, cpu=True)  # 24 of 49 outputs are border ones: the interior a conv, the border products
     assert small.strategy == "columns" and small.boxes[0].index == INTERIOR and small.columns.first == 1
     assert sorted((r1 - r0) * (c1 - c0) for _, (r0, r1, c0, c1), _, _ in small.boxes) == [1] * 4 + [5] * 4 + [25]
     assert small.columns.starts == (0, 1, 6, 7, 12, 17, 18, 23, 24)  # the 8 border boxes' positions, in order
     assert len(small.columns.taps) == 24 * 9
-    dilated = EdgeConv2d(2, 2, 3, padding=6, dilation=6).plan(4, 8)  # ASPP: no interior, each output once
+    dilated = EdgeConv2d(2, 2, 3, padding=6, dilation=6).plan(4, 8, cpu=True)  # ASPP: no interior, each output once
     assert dilated.strategy == "columns" and dilated.columns.first == 0
     assert sum((r1 - r0) * (c1 - c0) for _, (r0, r1, c0, c1), _, _ in dilated.boxes) == 4 * 8
-    grouped = EdgeConv2d(4, 4, 3, padding=1, groups=2).plan(7, 7)  # grouped: border boxes stay convs
+    grouped = EdgeConv2d(4, 4, 3, padding=1, groups=2).plan(7, 7, cpu=True)  # grouped: border boxes stay convs
     assert grouped.strategy == "boxes" and grouped.columns is None
     # A wide input with a wide border (as the thesis' ASPP): its im2col rows would be big, so a conv per box.
-    wide = EdgeConv2d(512, 2, 3, padding=12, dilation=12).plan(64, 128)
+    wide = EdgeConv2d(512, 2, 3, padding=12, dilation=12).plan(64, 128, cpu=True)
     assert wide.strategy == "boxes" and wide.columns is None
-    assert layer.plan(256, 256) is thin
+    assert layer.plan(256, 256, cpu=True) is thin
+
+
+def test_auto_plan_on_a_gpu():
+    """Auto plans off the CPU: im2col products whenever their rows are small, whatever the border share (a GPU
+    layer's time is its launches); large rows a conv per box, except a dilated map mostly border (the thesis'
+    ASPP, where cuDNN's thin dilated box convs are slow), up to a cap; grouped convs stay convs."""
+    layer = EdgeConv2d(2, 2, 3, padding=1)
+    assert layer.plan(256, 256).strategy == "columns"  # 1.6% border, tiny rows
+    assert layer.plan(256, 256, cpu=True).strategy == "strips"  # the same size has its own plan on the CPU
+    assert EdgeConv2d(4, 4, 3, padding=1, groups=2).plan(7, 7).strategy == "boxes"
+    # 1024 channels, dilation 4 on a 64 x 128 map (thesis layer4): 18% border, 13.6M elements per image
+    layer4 = EdgeConv2d(1024, 2, 3, padding=4, dilation=4)
+    assert layer4.border_share(64, 128) < GPU_COLUMNS_MIN_BORDER_SHARE and layer4.plan(64, 128).strategy == "boxes"
+    # 2048 channels, dilation 12 and 36 (thesis ASPP): 49% and 100% border, under the cap
+    for dilation in (12, 36):
+        aspp = EdgeConv2d(2048, 2, 3, padding=dilation, dilation=dilation)
+        assert aspp.border_share(64, 128) >= GPU_COLUMNS_MIN_BORDER_SHARE
+        assert aspp.plan(64, 128).strategy == "columns" and aspp.plan(64, 128, cpu=True).strategy == "boxes"
+    # the same layer on a map twice as large each way would gather over the cap: boxes
+    huge = EdgeConv2d(2048, 2, 3, padding=36, dilation=36)
+    share = huge.border_share(128, 256)
+    assert share >= GPU_COLUMNS_MIN_BORDER_SHARE and share * 128 * 256 * 2048 * 9 > GPU_COLUMNS_MAX_ELEMENTS
+    assert huge.plan(128, 256).strategy == "boxes"
 
 
 def test_columns_index_tensors_move_to_a_device_once():
