@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
                 name,
                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}",
                 f"{t * 1e3:.0f}",
+                f"{batch / t:.0f}",
                 f"{t / base_t:.2f}x",
                 verdict(t / base_t, target) if target else "",
                 f"{memory[name] / 2**20:.0f}",
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
         f"channels_last={channels_last}, {args.rounds} interleaved rounds (median)"
     )
     print(f"device: {describe(device)}\n")
-    header = ["variant", "params (M)", "step ms", "time", "target", mem_kind, "memory", "saved MiB", "saved", "target"]
+    header = ["variant", "params (M)", "step ms", "images/s", "time", "target", mem_kind, "memory", "saved MiB"]
+    header += ["saved", "target"]
     print(table(header, rows))
     if goals:
         print("\nGoals, against zero padding measured in the same run:\n" + "\n".join(f"- {g}" for g in goals))

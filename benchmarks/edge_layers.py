@@ -2,14 +2,18 @@
 geometry and under each of edge's plans, on the input size that layer gets in the model. Where edge's time goes,
 and which plan "auto" picks for each size.
 
-    python -m benchmarks.edge_layers [--model segmentation|resnet50] [--device auto|cpu|cuda] [--batch N]
-                                     [--height PX] [--rounds N] [--warmup N]
+    python -m benchmarks.edge_layers [--model segmentation|resnet50] [--preset cpu|thesis] [--device auto|cpu|cuda]
+                                     [--batch N] [--height PX] [--rounds N] [--warmup N] [--amp] [--channels-last]
 
-`segmentation` (the default) is the segmentation task's `cpu` model at H x 2H (64 x 128 by default), `resnet50`
-torchvision's ResNet50 at H x H (224 by default); batch 8. Each layer's cases run interleaved round-robin, medians.
+`segmentation` (the default) is the segmentation task's model of `--preset` (default `cpu`) at H x 2H (64 x 128 by
+default), `resnet50` torchvision's ResNet50 at H x H (224 by default); batch 8. Each layer's cases run interleaved
+round-robin, medians. On a GPU the layers run as the GPU benchmarks run the models: bf16 autocast and channels_last
+(`--no-amp`, `--no-channels-last` turn them off).
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +28,13 @@ from tasks import get_task
 STRATEGIES = ("auto", "strips", "boxes", "columns")
 
 
-def build(name: str, batch: int, height: int | None) -> tuple[nn.Module, tuple[int, ...]]:
+def build(name: str, batch: int, height: int | None, preset: str = "cpu") -> tuple[nn.Module, tuple[int, ...]]:
     """The edge-converted model and its input shape."""
     if name == "segmentation":
         task = get_task("segmentation")
-        model = task.build_model(task.presets["cpu"], num_classes=19)
+        if preset not in task.presets:
+            raise CliError(f"unknown segmentation preset {preset!r}; choose from {', '.join(task.presets)}")
+        model = task.build_model(task.presets[preset], num_classes=19)
         height = height or 64
         shape = (batch, 3, height, 2 * height)
     else:
@@ -63,15 +69,26 @@ def padded_layers(model: nn.Module, x: torch.Tensor) -> list[tuple[str, convs.Ed
     return [(name, layer, shape) for name, (layer, shape) in seen.items()]
 
 
-def cases(layer: convs.EdgeConv2d, shape: torch.Size, device: torch.device) -> dict:
+def cases(
+    layer: convs.EdgeConv2d, shape: torch.Size, device: torch.device, *, amp: bool = False, channels_last: bool = False
+) -> dict:
     """One forward+backward per case: the plain conv of the layer's geometry, and the layer under each plan."""
-    x = torch.randn(shape, device=device, requires_grad=True)
-    grad = torch.randn_like(layer(x))
+    x = torch.randn(shape, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+    with autocast():
+        grad = torch.randn_like(layer(x))
 
     def plain() -> None:
         x.grad = None
         layer.zero_grad(set_to_none=True)
-        out = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        with autocast():
+            out = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
         out.backward(grad)
 
     def edge(strategy: str):
@@ -79,7 +96,9 @@ def cases(layer: convs.EdgeConv2d, shape: torch.Size, device: torch.device) -> d
             x.grad = None
             layer.zero_grad(set_to_none=True)
             layer.strategy = strategy
-            layer(x).backward(grad)
+            with autocast():
+                out = layer(x)
+            out.backward(grad)
 
         return step
 
@@ -89,27 +108,39 @@ def cases(layer: convs.EdgeConv2d, shape: torch.Size, device: torch.device) -> d
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m benchmarks.edge_layers", description=__doc__)
     parser.add_argument("--model", choices=("segmentation", "resnet50"), default="segmentation")
+    parser.add_argument("--preset", default="cpu", help="the segmentation model's preset (default cpu)")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
     parser.add_argument("--height", type=int, default=None, help="input height (default 64, resnet50: 224)")
     parser.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds per layer (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for GPU)"
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last inputs and filters (default: on for GPU)",
+    )
     args = parser.parse_args(argv)
     for flag, value, low in (("--batch", args.batch, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0)):
         if value < low:
             raise CliError(f"{flag} must be at least {low}, got {value}")
     device = pick_device(args.device)
-    model, shape = build(args.model, args.batch, args.height)
+    gpu = device.type == "cuda"
+    amp = gpu if args.amp is None else args.amp
+    channels_last = gpu if args.channels_last is None else args.channels_last
+    model, shape = build(args.model, args.batch, args.height, args.preset)
     model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     layers = padded_layers(model, torch.randn(shape, device=device))
     rows, totals = [], dict.fromkeys(["plain", *STRATEGIES], 0.0)
     for name, layer, inp in layers:
-        times = {
-            k: median(v)
-            for k, v in interleaved(
-                cases(layer, inp, device), rounds=args.rounds, warmup=args.warmup, device=device
-            ).items()
-        }
+        steps = cases(layer, inp, device, amp=amp, channels_last=channels_last)
+        timed = interleaved(steps, rounds=args.rounds, warmup=args.warmup, device=device)
+        times = {k: median(v) for k, v in timed.items()}
         del layer.strategy  # back to the class's "auto"
         for key, value in times.items():
             totals[key] += value
@@ -121,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     cells = [f"{totals[s] * 1e3:.1f} ({totals[s] / totals['plain']:.1f}x)" for s in STRATEGIES]
     rows.append(["all", "", "", "", "", f"{totals['plain'] * 1e3:.1f}", *cells])
     print(
-        f"\nEdge conv per padded layer of {args.model}, input {' x '.join(map(str, shape))}: forward+backward ms "
+        f"\nEdge conv per padded layer of {args.model}{f' ({args.preset})' if args.model == 'segmentation' else ''}, "
+        f"input {' x '.join(map(str, shape))}, amp={amp}, channels_last={channels_last}: forward+backward ms "
         f"(ratio to the plain conv), {args.rounds} interleaved rounds (median)"
     )
     print(f"device: {describe(device)}\n")

@@ -67,6 +67,22 @@ def test_convs_benchmark_prints_ratios(capsys):
     )
     out = capsys.readouterr().out
     assert "| zero" in out and "| edge" in out and "1.00x" in out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    header, zero = [c.strip() for c in rows[0]], [c.strip() for c in rows[1]]
+    assert header[2:5] == ["step ms", "images/s", "time"] and zero[0] == "zero"
+    assert float(zero[3]) > 0  # images per second of a batch of 2
+
+
+def test_edge_layers_benchmark_takes_a_preset_and_the_gpu_settings(capsys):
+    """--preset picks the segmentation model (thesis: a wide_resnet50_2 with ASPP at dilation 12-36), --amp and
+    --channels-last run the layers as the GPU benchmarks run models; the header says which."""
+    argv = ["--device", "cpu", "--preset", "thesis", "--height", "16", "--batch", "1", "--rounds", "1"]
+    bench_edge_layers.main([*argv, "--warmup", "0", "--amp", "--channels-last"])
+    out = capsys.readouterr().out
+    assert "segmentation (thesis)" in out and "amp=True, channels_last=True" in out
+    assert "| aspp.convs.3.0 | 2048 x 2 x 4" in out and "3x3 s1 d36" in out
+    with pytest.raises(CliError, match="unknown segmentation preset 'huge'; choose from "):
+        bench_edge_layers.main(["--device", "cpu", "--preset", "huge"])
 
 
 def test_retrieval_benchmark_prints_times_ratios_and_recall(capsys):
