@@ -851,6 +851,8 @@ def main(argv: list[str] | None = None) -> list[tables.TrialResult]:
     p = plan(args, cuda=torch.cuda.is_available())
     if not p.verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its store set-up lines ("Creating initial ...")
+        # Ray's notice that a new local cluster has token authentication on (printed at every start)
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     data = prepare_data(p)
     check_services(p)
 

@@ -354,7 +354,13 @@ def test_a_diverging_trial_is_failed_with_its_reason_and_the_others_finish(ray_s
 def test_the_terminal_shows_one_line_per_trial_event_and_rays_output_only_with_verbose(tmp_path):
     """A sweep in its own process, with its own Ray (as `make sweep` runs it): the plan, each trial's events and the
     closing table; Tune's tables and boxes, the checkpoint lines and the trial processes' logs only with --verbose."""
-    chatter = ("Trial status", "Configuration for experiment", "Checkpoint successfully created", "(run_trial pid=")
+    chatter = (
+        "Trial status",
+        "Configuration for experiment",
+        "Checkpoint successfully created",
+        "(run_trial pid=",
+        "Token authentication is enabled",
+    )
 
     def run(name: str, *extra: str) -> str:
         args = [*common(tmp_path, name), "--variants", "zero", "--seeds", "1", "--epochs", "1", *extra]
