@@ -5,10 +5,11 @@ and which plan "auto" picks for each size.
     python -m benchmarks.edge_layers [--model segmentation|resnet50] [--preset cpu|thesis] [--device auto|cpu|cuda]
                                      [--batch N] [--height PX] [--rounds N] [--warmup N] [--amp] [--channels-last]
 
-`segmentation` (the default) is the segmentation task's model of `--preset` (default `cpu`) at H x 2H (64 x 128 by
-default), `resnet50` torchvision's ResNet50 at H x H (224 by default); batch 8. Each layer's cases run interleaved
-round-robin, medians. On a GPU the layers run as the GPU benchmarks run the models: bf16 autocast and channels_last
-(`--no-amp`, `--no-channels-last` turn them off).
+`segmentation` (the default) is the segmentation task's model of `--preset` at H x 2H, `resnet50` torchvision's
+ResNet50 at H x H (224 by default). The defaults follow `benchmarks.segmentation` and `benchmarks.convs`: on a CPU
+the `cpu` model at 64 x 128, batch 8; on a GPU the `thesis` model at 512 x 1024, batch 4 (ResNet50: batch 64), in
+bf16 autocast and channels_last (`--no-amp`, `--no-channels-last` turn them off). Each layer's cases run
+interleaved round-robin, medians.
 """
 
 from __future__ import annotations
@@ -28,18 +29,16 @@ from tasks import get_task
 STRATEGIES = ("auto", "strips", "boxes", "columns")
 
 
-def build(name: str, batch: int, height: int | None, preset: str = "cpu") -> tuple[nn.Module, tuple[int, ...]]:
+def build(name: str, batch: int, height: int, preset: str = "cpu") -> tuple[nn.Module, tuple[int, ...]]:
     """The edge-converted model and its input shape."""
     if name == "segmentation":
         task = get_task("segmentation")
         if preset not in task.presets:
             raise CliError(f"unknown segmentation preset {preset!r}; choose from {', '.join(task.presets)}")
         model = task.build_model(task.presets[preset], num_classes=19)
-        height = height or 64
         shape = (batch, 3, height, 2 * height)
     else:
         model = torchvision.models.resnet50()
-        height = height or 224
         shape = (batch, 3, height, height)
     convs.convert(model, "edge")
     return model, shape
@@ -108,10 +107,14 @@ def cases(
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m benchmarks.edge_layers", description=__doc__)
     parser.add_argument("--model", choices=("segmentation", "resnet50"), default="segmentation")
-    parser.add_argument("--preset", default="cpu", help="the segmentation model's preset (default cpu)")
+    parser.add_argument(
+        "--preset", default=None, help="the segmentation model's preset (default: thesis on a GPU, else cpu)"
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
-    parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
-    parser.add_argument("--height", type=int, default=None, help="input height (default 64, resnet50: 224)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 8 on CPU; on GPU 4, resnet50: 64)")
+    parser.add_argument(
+        "--height", type=int, default=None, help="input height (default 64 on CPU, 512 on GPU; resnet50: 224)"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds per layer (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument(
@@ -124,14 +127,18 @@ def main(argv: list[str] | None = None) -> None:
         help="channels_last inputs and filters (default: on for GPU)",
     )
     args = parser.parse_args(argv)
-    for flag, value, low in (("--batch", args.batch, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0)):
-        if value < low:
-            raise CliError(f"{flag} must be at least {low}, got {value}")
     device = pick_device(args.device)
     gpu = device.type == "cuda"
+    resnet = args.model == "resnet50"
+    batch = args.batch if args.batch is not None else (64 if resnet else 4) if gpu else 8
+    height = args.height if args.height is not None else 224 if resnet else 512 if gpu else 64
+    preset = args.preset or ("thesis" if gpu else "cpu")
+    for flag, value, low in (("--batch", batch, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0)):
+        if value < low:
+            raise CliError(f"{flag} must be at least {low}, got {value}")
     amp = gpu if args.amp is None else args.amp
     channels_last = gpu if args.channels_last is None else args.channels_last
-    model, shape = build(args.model, args.batch, args.height, args.preset)
+    model, shape = build(args.model, batch, height, preset)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     cells = [f"{totals[s] * 1e3:.1f} ({totals[s] / totals['plain']:.1f}x)" for s in STRATEGIES]
     rows.append(["all", "", "", "", "", f"{totals['plain'] * 1e3:.1f}", *cells])
     print(
-        f"\nEdge conv per padded layer of {args.model}{f' ({args.preset})' if args.model == 'segmentation' else ''}, "
+        f"\nEdge conv per padded layer of {args.model}{'' if resnet else f' ({preset})'}, "
         f"input {' x '.join(map(str, shape))}, amp={amp}, channels_last={channels_last}: forward+backward ms "
         f"(ratio to the plain conv), {args.rounds} interleaved rounds (median)"
     )
