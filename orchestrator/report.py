@@ -7,7 +7,8 @@ python -m orchestrator.report --run-id <the sweep's parent run id> --alpha 0.01
 The sweep runs it when it ends. It reads only MLflow (the same store the sweep wrote), so a sweep that is still
 running, was interrupted or has failed trials reports the same way: every cell counts the seeds it holds. Per table
 metric of the task: one row per arm with each seed's value, mean, std (n-1), difference to `zero`, Welch's t-test
-p-value and a bootstrap 95% interval of the difference (`tables`), the thesis' published numbers beside them; plots
+p-value, that p-value adjusted by Holm's method for the arms compared with `zero` on the metric (the one a star
+marks) and a bootstrap 95% interval of the difference (`tables`), the thesis' published numbers beside them; plots
 over seeds and epochs. Markdown, CSV, LaTeX and PNGs go under `report/` in the sweep's parent run, and to `--out`.
 """
 

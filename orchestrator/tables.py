@@ -10,7 +10,7 @@ import statistics
 import textwrap
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -84,14 +84,18 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 @dataclass(frozen=True)
 class Test:
-    """An arm against the baseline: the difference of means, Welch's t-test and a bootstrap 95% interval."""
+    """An arm against the baseline: the difference of means, Welch's t-test and a bootstrap 95% interval.
+
+    `p_holm` is `p` adjusted for the other arms tested against the same baseline on the same metric (`holm`); a
+    report marks an arm significant by it. Alone (`compare`), it is `p`."""
 
     diff: float
     p: float = math.nan  # Welch's two-sided p-value; NaN when no test was possible
     ci_low: float = math.nan
     ci_high: float = math.nan
-    significant: bool = False  # p < alpha
+    significant: bool = False  # p_holm < alpha
     note: str = ""  # why there is no p-value or interval, when there is none
+    p_holm: float = math.nan
 
     @property
     def tested(self) -> bool:
@@ -133,7 +137,22 @@ def compare(
         ).confidence_interval
     if math.isnan(p):
         return Test(diff, note="no test possible: every seed of both arms gave the same value")
-    return Test(diff, p, float(interval.low), float(interval.high), p < alpha)
+    return Test(diff, p, float(interval.low), float(interval.high), p < alpha, p_holm=p)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values, in their order (NaN, an untested arm, stays NaN and is
+    not counted): the i-th smallest of m is multiplied by m - i + 1, capped at 1, and no adjusted value is smaller
+    than that of a smaller p. Declaring significant those whose adjusted p is below alpha keeps the chance of any
+    false finding in the family at alpha (Holm 1979), for p-values that depend on each other too, as comparisons
+    against one shared baseline do. scipy has the false-discovery-rate adjustments, not this one."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    adjusted = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 # the report's tables -----------------------------------------------------------------------------------------------
@@ -186,12 +205,13 @@ class Built:
         parts = [
             f"Per metric: each seed's value (at the trial's best epoch by the headline metric; last5: the mean of the "
             f"last 5 epochs), the number of finished seeds, their mean and std (n-1), the difference of means to "
-            f"`{self.baseline}` with a bootstrap 95% interval (percentile, 9999 resamples) and Welch's t-test "
-            f"p-value; * marks p < {self.alpha:g}. A cell without a value shows its trial's state."
+            f"`{self.baseline}` with a bootstrap 95% interval (percentile, 9999 resamples), Welch's t-test p-value, "
+            f"and that p-value adjusted by Holm's method for the arms tested against `{self.baseline}` on the same "
+            f"metric; * marks an adjusted p < {self.alpha:g}. A cell without a value shows its trial's state."
         ]
         for column in self.columns:
             headers = ["arm", *(f"seed {s}" for s in self.seeds), "seeds", "mean", "std"]
-            headers += [f"diff to {self.baseline}", "95% CI of diff", "p (Welch)", "sig"]
+            headers += [f"diff to {self.baseline}", "95% CI of diff", "p (Welch)", "p (Holm)", "sig"]
             body = []
             for arm in self.arms:
                 row = self.rows[column, arm]
@@ -206,6 +226,7 @@ class Built:
                         "" if test is None else _num(test.diff, signed=True),
                         "" if test is None else _ci(test) or test.note,
                         "" if test is None or not test.tested else _p(test.p),
+                        "" if test is None or not test.tested else _p(test.p_holm),
                         "*" if test is not None and test.significant else "",
                     ]
                 )
@@ -236,7 +257,7 @@ class Built:
         lines (`source` = where they come from); numbers unrounded."""
         seed_columns = [f"seed {s}" for s in self.seeds]
         fields = ["metric", "source", "arm", "row", *seed_columns, "n", "mean", "std"]
-        fields += ["diff", "ci_low", "ci_high", "p", "significant", "note"]
+        fields += ["diff", "ci_low", "ci_high", "p", "p_holm", "significant", "note"]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
@@ -248,7 +269,8 @@ class Built:
                 line.update(mean=_raw(row.mean), std=_raw(row.std))
                 if test is not None:
                     line.update(diff=_raw(test.diff), ci_low=_raw(test.ci_low), ci_high=_raw(test.ci_high))
-                    line.update(p=_raw(test.p), significant=str(test.significant).lower(), note=test.note)
+                    line.update(p=_raw(test.p), p_holm=_raw(test.p_holm), note=test.note)
+                    line["significant"] = str(test.significant).lower()
                 writer.writerow(line)
             for p in self.published_for(column):
                 runs = p.runs.get(column, ())
@@ -265,15 +287,17 @@ class Built:
         out = ["% Needs \\usepackage{booktabs}. Generated by python -m orchestrator.report."]
         for column in self.columns:
             seeds = [f"Seed {s}" for s in self.seeds]
-            n_cols = len(seeds) + 7
+            n_cols = len(seeds) + 8
             out += [
                 "\\begin{table}[ht]",
                 "\\centering",
                 f"\\caption{{{_tex(column)}: per seed, mean, std ($n-1$), difference to {_tex(self.baseline)} with "
-                f"a bootstrap 95\\% interval and Welch's $p$ ($^*$: $p < {self.alpha:g}$)}}",
-                "\\begin{tabular}{l" + "r" * (len(seeds) + 4) + "cr}",
+                f"a bootstrap 95\\% interval, Welch's $p$ and $p$ adjusted by Holm's method over the arms "
+                f"($^*$: adjusted $p < {self.alpha:g}$)}}",
+                "\\begin{tabular}{l" + "r" * (len(seeds) + 4) + "crr}",
                 "\\toprule",
-                " & ".join(["Arm", *seeds, "$n$", "Mean", "Std", "$\\Delta$", "95\\% CI", "$p$"]) + " \\\\",
+                " & ".join(["Arm", *seeds, "$n$", "Mean", "Std", "$\\Delta$", "95\\% CI", "$p$", "$p_\\mathrm{Holm}$"])
+                + " \\\\",
                 "\\midrule",
             ]
             for arm in self.arms:
@@ -281,13 +305,13 @@ class Built:
                 cells = [_tex(arm), *(_tex(_cell(row.cells.get(s, "missing"))) for s in self.seeds), row.n]
                 cells += [_num(row.mean), _num(row.std, blank="--")]
                 if test is None:
-                    cells += ["--", "--", "--"]
+                    cells += ["--", "--", "--", "--"]
                 elif not test.tested:
-                    cells += [_num(test.diff, signed=True), "\\multicolumn{2}{c}{no test}", ""]
-                    cells.pop()
+                    cells += [_num(test.diff, signed=True), "\\multicolumn{3}{c}{no test}"]
                 else:
                     mark = "$^*$" if test.significant else ""
-                    cells += [_num(test.diff, signed=True) + mark, _tex(_ci(test)), _p(test.p).replace("<", "$<$")]
+                    cells += [_num(test.diff, signed=True) + mark, _tex(_ci(test))]
+                    cells += [_p(test.p).replace("<", "$<$"), _p(test.p_holm).replace("<", "$<$")]
                 out.append(" & ".join(cells) + " \\\\")
             published = self.published_for(column)
             if published:
@@ -299,7 +323,7 @@ class Built:
                     runs = [_num(v) for v in p.runs.get(column, ())]
                     runs = runs if len(runs) <= len(seeds) else []  # more runs than columns: mean and std only
                     cells = [label, *(runs + [""] * len(seeds))[: len(seeds)], str(len(p.runs.get(column, ())) or 1)]
-                    cells += [_num(p.values[column]), "--" if std is None else _num(std), "", "", ""]
+                    cells += [_num(p.values[column]), "--" if std is None else _num(std), "", "", "", ""]
                     out.append(" & ".join(cells) + " \\\\")
             out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
         return "\n".join(out)
@@ -316,11 +340,13 @@ class Built:
         head = self.columns[0]
         arm_width = min(max(len(a) for a in self.arms), 28)
         intro = (
-            f"{head}: mean ± std over finished seeds, difference to {self.baseline} with its bootstrap 95% CI and "
-            f"Welch p (* p < {self.alpha:g})"
+            f"{head}: mean ± std over finished seeds, difference to {self.baseline} with its bootstrap 95% CI, "
+            f"Welch p and p adjusted by Holm's method over the {len(self.arms) - 1} arms (* adjusted p < "
+            f"{self.alpha:g})"
         )
         lines = textwrap.wrap(intro, width)
-        lines.append(f"{'arm':<{arm_width}}  seeds  {'mean ± std':<17}  {'diff':>8}  {'95% CI':<19}  {'p':>7}")
+        header = f"{'arm':<{arm_width}}  seeds  {'mean ± std':<17}  {'diff':>8}  {'95% CI':<19}  {'p':>7}"
+        lines.append(f"{header}  {'p Holm':>7}")
         for arm in self.arms:
             row, test = self.rows[head, arm], self.rows[head, arm].test
             spread = _num(row.mean) + (f" ± {_num(row.std)}" if len(row.values) > 1 else "")
@@ -330,7 +356,7 @@ class Built:
             elif not test.tested:
                 text += f"{_num(test.diff, signed=True):>8}  {test.note}"
             else:
-                text += f"{_num(test.diff, signed=True):>8}  {_ci(test):<19}  {_p(test.p):>7}"
+                text += f"{_num(test.diff, signed=True):>8}  {_ci(test):<19}  {_p(test.p):>7}  {_p(test.p_holm):>7}"
                 text += " *" if test.significant else ""
             lines.append(text)
         published = self.published_for(head)
@@ -353,8 +379,8 @@ class Built:
         fits = max(1, (width - metric_width - 2) // (cell + 2))
         shown = arms[:fits]
         lines = [
-            f"other metrics, difference to {self.baseline} (* p < {self.alpha:g}; no test: fewer than 2 "
-            f"seeds or no variance; full tables in report.md):",
+            f"other metrics, difference to {self.baseline} (* Holm-adjusted p < {self.alpha:g}; no test: under 2 "
+            f"seeds or no variance; all in report.md):",
             f"  {'':<{metric_width}}" + "".join(f"  {_fit(a, cell):>{cell}}" for a in shown),
         ]
         for column in self.columns[1:]:
@@ -402,10 +428,14 @@ def build(
             values[arm] = tuple(v for _, v in sorted(cells.items()) if not isinstance(v, str))
             expected = len(set(seeds or ()) | set(cells))
             rows[column, arm] = (cells, expected)
+        tests = {arm: compare(values[arm], values.get(baseline, ()), alpha=alpha) for arm in arms if arm != baseline}
+        adjusted = dict(zip(tests, holm([t.p for t in tests.values()]), strict=True))
+        for arm, test in tests.items():
+            if test.tested:
+                tests[arm] = replace(test, p_holm=adjusted[arm], significant=adjusted[arm] < alpha)
         for arm in arms:
             cells, expected = rows[column, arm]
-            test = None if arm == baseline else compare(values[arm], values.get(baseline, ()), alpha=alpha)
-            rows[column, arm] = Row(column, arm, cells, expected, values[arm], test)
+            rows[column, arm] = Row(column, arm, cells, expected, values[arm], tests.get(arm))
     return Built(list(columns), arms, all_seeds, rows, baseline, alpha, tuple(published))
 
 

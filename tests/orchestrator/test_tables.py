@@ -109,7 +109,11 @@ def test_every_format_carries_the_same_numbers_and_the_terminal_fits_120_columns
             base = [r.metrics[column] for r in results if r.variant == "zero"]
             assert float(line["diff"]) == pytest.approx(statistics.fmean(values) - statistics.fmean(base))
             assert float(line["p"]) == pytest.approx(stats.ttest_ind(values, base, equal_var=False).pvalue)
-            assert line["significant"] == str(float(line["p"]) < 0.01).lower()
+            family = [float(ours[column, a]["p"]) for a in arms if a != "zero" and ours[column, a]["p"]]
+            m = len(family)  # the arms with a test on this metric; Holm's bound for this p is at least m times the
+            assert m == 4 and float(line["p_holm"]) >= min(1.0, m * min(family)) - 1e-12  # smallest p's, at most
+            assert float(line["p"]) <= float(line["p_holm"]) <= min(1.0, m * float(line["p"])) + 1e-12
+            assert line["significant"] == str(float(line["p_holm"]) < 0.01).lower()
             cell = f"{float(line['mean']):.3f}"
             assert cell in built.markdown() and cell in built.latex()
     assert ours[columns[0], "edge"]["seed 1"] == "failed" and ours[columns[0], "edge"]["n"] == "4/5"
@@ -123,6 +127,41 @@ def test_every_format_carries_the_same_numbers_and_the_terminal_fits_120_columns
     assert "best/test\\_low/instance\\_top10" in latex and "Edge\\_no7" not in latex
     markdown = built.markdown()
     assert markdown.count("### ") == len(columns) and "Published" in markdown and "Zero+*" in markdown
+
+
+def test_holm_adjusts_each_p_by_its_rank_and_keeps_their_order():
+    # sorted 0.01 < 0.03 < 0.04 of m = 3: 3 x 0.01, 2 x 0.03, then max(0.06, 1 x 0.04); NaN is no test, not counted
+    assert tables.holm([0.04, 0.01, math.nan, 0.03]) == pytest.approx([0.06, 0.03, math.nan, 0.06], nan_ok=True)
+    assert tables.holm([0.5, 0.9]) == [1.0, 1.0] and tables.holm([]) == [] and tables.holm([0.02]) == [0.02]
+
+
+def test_a_report_marks_significance_by_the_holm_adjusted_p():
+    """One arm better than zero (Welch p = 0.028 alone) beside two that are not: adjusted for the three
+    comparisons (3 x 0.028) it is not significant, and the report says so in every format; the same arm with one
+    other, clearly better arm beside it keeps its star (Holm compares the largest p with alpha itself)."""
+    runs = {
+        "zero": [70.0, 70.4, 69.6, 70.2],
+        "a": [70.1, 69.7, 70.5, 70.0],
+        "b": [70.3, 70.6, 69.9, 70.1],
+        "c": [70.6, 71.0, 70.4, 70.7],
+    }
+    results = [TrialResult(arm, s, {"best/top1": v}) for arm, values in runs.items() for s, v in enumerate(values)]
+    built = tables.build(results, ["best/top1"])
+    c = built.rows["best/top1", "c"].test
+    assert c.p == pytest.approx(0.0283, abs=1e-4) and c.p_holm == pytest.approx(3 * c.p) and not c.significant
+    assert not any(built.rows["best/top1", arm].test.significant for arm in "ab")
+    line = next(line for line in built.terminal().splitlines() if line.startswith("c "))
+    assert f"{c.p:.3g}" in line and f"{c.p_holm:.3g}" in line and not line.endswith("*")
+    assert "Holm" in built.terminal() and "p (Holm)" in built.markdown() and "p_\\mathrm{Holm}" in built.latex()
+    rows = {r["arm"]: r for r in csv.DictReader(io.StringIO(built.csv()))}
+    assert rows["c"]["significant"] == "false" and float(rows["c"]["p_holm"]) == pytest.approx(c.p_holm)
+
+    runs["b"] = [75.0, 75.3, 74.8, 75.1]  # now clearly better: c's p is the larger of two tested below alpha
+    del runs["a"]
+    results = [TrialResult(arm, s, {"best/top1": v}) for arm, values in runs.items() for s, v in enumerate(values)]
+    built = tables.build(results, ["best/top1"])
+    b, c = (built.rows["best/top1", arm].test for arm in "bc")
+    assert b.p_holm == pytest.approx(2 * b.p) and c.p_holm == pytest.approx(c.p) and b.significant and c.significant
 
 
 def test_published_rows_match_the_thesis_tables():
