@@ -37,8 +37,9 @@ INTERIOR = -1  # filter index of the interior box in a plan: `weight` and `bias`
 STRIPS_MAX_BORDER_SHARE = 0.03
 COLUMNS_MIN_BORDER_SHARE = 0.1
 COLUMNS_MAX_ELEMENTS = 2**22  # im2col elements of one image's border boxes (16 MB in fp32)
-GPU_COLUMNS_MIN_BORDER_SHARE = 0.4  # on a GPU, above COLUMNS_MAX_ELEMENTS: columns from this border share on
-GPU_COLUMNS_MAX_ELEMENTS = 2**28  # ... up to this many elements per image (512 MB in bf16)
+# On a GPU, rows over COLUMNS_MAX_ELEMENTS still take "columns" from this border share on, up to the cap below.
+GPU_COLUMNS_MIN_BORDER_SHARE = 0.4
+GPU_COLUMNS_MAX_ELEMENTS = 2**28  # im2col elements of one image's border boxes (512 MB in bf16)
 
 
 class Box(NamedTuple):
