@@ -362,10 +362,14 @@ def test_the_terminal_shows_one_line_per_trial_event_and_rays_output_only_with_v
         "Token authentication is enabled",
     )
 
+    # As a user's shell has it: a Ray started earlier in this test process sets RAY_AUTH_MODE in its environment,
+    # and with it set Ray prints no token notice.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+
     def run(name: str, *extra: str) -> str:
         args = [*common(tmp_path, name), "--variants", "zero", "--seeds", "1", "--epochs", "1", *extra]
         done = subprocess.run(
-            [sys.executable, "-m", "orchestrator.sweep", *args], capture_output=True, text=True, timeout=600
+            [sys.executable, "-m", "orchestrator.sweep", *args], capture_output=True, text=True, timeout=600, env=env
         )
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout + done.stderr
