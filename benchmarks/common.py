@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +26,23 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def add_gpu_format_options(parser: argparse.ArgumentParser) -> None:
+    """--amp and --channels-last, each on by default on a GPU and off on a CPU (`gpu_formats`)."""
+    for flag, what in (("--amp", "bf16 autocast"), ("--channels-last", "channels_last memory format")):
+        parser.add_argument(
+            flag,
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=f"{what} (default: on for GPU, off for CPU)",
+        )
+
+
+def gpu_formats(args: argparse.Namespace, device: torch.device) -> tuple[bool, bool]:
+    """(amp, channels_last) as asked, else on for a GPU and off for a CPU."""
+    gpu = device.type == "cuda"
+    return (gpu if args.amp is None else args.amp), (gpu if args.channels_last is None else args.channels_last)
 
 
 def describe(device: torch.device) -> str:

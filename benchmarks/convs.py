@@ -20,7 +20,9 @@ from torch import nn
 
 import convs
 from benchmarks.common import (
+    add_gpu_format_options,
     describe,
+    gpu_formats,
     interleaved,
     median,
     peak_cuda_bytes,
@@ -135,25 +137,13 @@ def main(argv: list[str] | None = None) -> None:
         default=True,
         help="also measure masked (hole) runs through convs.Masked (default: on)",
     )
-    parser.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="bf16 autocast (default: on for GPU, off for CPU)",
-    )
-    parser.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="channels_last memory format (default: on for GPU, off for CPU)",
-    )
+    add_gpu_format_options(parser)
     args = parser.parse_args(argv)
     variants = with_baseline(args.variants)
     device = pick_device(args.device)
     gpu = device.type == "cuda"
     batch = args.batch or (64 if gpu else 8)
-    amp = gpu if args.amp is None else args.amp
-    channels_last = gpu if args.channels_last is None else args.channels_last
+    amp, channels_last = gpu_formats(args, device)
 
     holes = list(HOLES) if args.holes else []
     models = build_models(variants, holes, device, channels_last)

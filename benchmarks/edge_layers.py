@@ -14,15 +14,13 @@ interleaved round-robin, medians.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 import convs
-from benchmarks.common import describe, interleaved, median, pick_device, table
+from benchmarks.common import add_gpu_format_options, describe, gpu_formats, interleaved, median, pick_device, table
 from orchestrator.cli import ArgumentParser, CliError
 from tasks import get_task
 
@@ -117,15 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds per layer (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    parser.add_argument(
-        "--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for GPU)"
-    )
-    parser.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="channels_last inputs and filters (default: on for GPU)",
-    )
+    add_gpu_format_options(parser)
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     gpu = device.type == "cuda"
@@ -136,8 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     for flag, value, low in (("--batch", batch, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0)):
         if value < low:
             raise CliError(f"{flag} must be at least {low}, got {value}")
-    amp = gpu if args.amp is None else args.amp
-    channels_last = gpu if args.channels_last is None else args.channels_last
+    amp, channels_last = gpu_formats(args, device)
     model, shape = build(args.model, batch, height, preset)
     model = model.to(device)
     if channels_last:
