@@ -250,7 +250,6 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
 
     def _find_plan(self, height: int, width: int, cpu: bool) -> EdgePlan:
         rows, cols = conv_plans(self, height, width)
-        border = self._boxes(height, width, cpu, False)
         share = self.border_share(height, width)
         strategy = self.strategy
         if strategy == "auto":
@@ -270,11 +269,11 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
             ilo, ihi, pt, pb = rows.window(0, rows.out)
             jlo, jhi, pl, pr = cols.window(0, cols.out)
             whole = Box(INTERIOR, (0, rows.out, 0, cols.out), (ilo, ihi, jlo, jhi, pl, pr, pt, pb), (0, cols.out))
-            return EdgePlan(strategy, (whole, *border), (rows.out, cols.out))
+            return EdgePlan(strategy, (whole, *self._boxes(height, width, cpu, False)), (rows.out, cols.out))
         # The interior box first: it is the largest, and the output takes its memory format.
         interior = self._boxes(height, width, cpu, True)
         if strategy == "boxes":
-            return EdgePlan(strategy, (*interior, *border), (rows.out, cols.out))
+            return EdgePlan(strategy, (*interior, *self._boxes(height, width, cpu, False)), (rows.out, cols.out))
         # Border boxes computed as matrix products run no oneDNN convolution and need no CPU workaround.
         boxes = (*interior, *self._boxes(height, width, False, False))
         return EdgePlan(strategy, boxes, (rows.out, cols.out), self._columns_of(boxes, len(interior), height, width))
