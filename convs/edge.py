@@ -40,6 +40,11 @@ COLUMNS_MAX_ELEMENTS = 2**22  # im2col elements of one image's border boxes (16 
 # On a GPU, rows over COLUMNS_MAX_ELEMENTS still take "columns" from this border share on, up to the cap below.
 GPU_COLUMNS_MIN_BORDER_SHARE = 0.4
 GPU_COLUMNS_MAX_ELEMENTS = 2**28  # im2col elements of one image's border boxes (512 MB in bf16)
+# "columns" keeps the gathered rows for backward (the region filters' gradients read them) up to this many elements
+# per image, rather than gathering them again: on the CPU the gather and its padded copy of the input cost more
+# than the border's matrix products on the segmentation demo's maps. In ResNet50 the kept rows add about 6% to what
+# autograd saves; the thesis model's large ASPP rows are gathered again.
+KEEP_ROWS_MAX_ELEMENTS = COLUMNS_MAX_ELEMENTS
 
 
 class Box(NamedTuple):
@@ -381,7 +386,7 @@ class _EdgeConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, region_weight, region_bias, plan: EdgePlan, geometry: tuple, dtype):
         # Under autocast the node keeps the parameters themselves and casts them again in backward: saving the
         # casts would keep a low-precision copy of all 9 filters per layer until backward.
-        ctx.save_for_backward(_cast(x, dtype), weight, region_weight)
+        saved = (_cast(x, dtype), weight, region_weight)
         ctx.plan, ctx.geometry, ctx.has_bias, ctx.dtype = plan, geometry, bias is not None, dtype
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias, region_weight, region_bias)]
         x, weight, bias, region_weight, region_bias = (
@@ -410,12 +415,18 @@ class _EdgeConv(torch.autograd.Function):
             if out is None:  # no interior: every output is a border one
                 shape = (x.shape[0], channels, *plan.out_size)
                 out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_conv_format(x, weight))
-            _columns_forward(out, x, weight, region_weight, region_bias, plan, geometry)
+            rows = _columns_forward(out, x, weight, region_weight, region_bias, plan, geometry)
+            # The region filters' gradients need the rows again: keep them where they are small, as a plain
+            # conv's backward would otherwise recompute them (gathering twice costs more than the rows' memory).
+            if ctx.needs_input_grad[3] and rows.numel() <= KEEP_ROWS_MAX_ELEMENTS * x.shape[0]:
+                saved = (*saved, rows)
+        ctx.save_for_backward(*saved)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, region_weight = (_cast(t, ctx.dtype) for t in ctx.saved_tensors)
+        x, weight, region_weight, *rows = ctx.saved_tensors
+        x, weight, region_weight = (_cast(t, ctx.dtype) for t in (x, weight, region_weight))
         grad_out = _cast(grad_out, ctx.dtype)
         plan, (stride, dilation, groups, _) = ctx.plan, ctx.geometry
         need_x, need_w, need_b, need_rw, need_rb = ctx.needs_input_grad[:5]
@@ -470,7 +481,7 @@ class _EdgeConv(torch.autograd.Function):
                 if gbi is not None:
                     grb[rows] = gbi
         if columns is not None and (need_x or need_rw or need_rb):
-            gx = _columns_backward(grad_out, x, region_weight, plan, ctx.geometry, gx, grw, grb, need_x)
+            gx = _columns_backward(grad_out, x, region_weight, plan, ctx.geometry, gx, grw, grb, need_x, *rows)
         if need_x and gx is None:
             gx = torch.zeros_like(x)
         # A map without interior leaves `weight` and `bias` unused: their gradients are zero.
@@ -508,9 +519,9 @@ def _border_columns(x: torch.Tensor, plan: EdgePlan, geometry: tuple, kernel: tu
     return windows[rows, cols].reshape(-1, c * kernel[0] * kernel[1])
 
 
-def _columns_forward(out, x, weight, region_weight, region_bias, plan: EdgePlan, geometry: tuple) -> None:
+def _columns_forward(out, x, weight, region_weight, region_bias, plan: EdgePlan, geometry: tuple) -> torch.Tensor:
     """Write the border boxes of a "columns" plan into `out`: one gather of their im2col rows, one matrix product
-    per box with its own filter, one scatter into the output."""
+    per box with its own filter, one scatter into the output. Returns the rows (see `_border_columns`)."""
     columns, n, channels = plan.columns, x.shape[0], weight.shape[0]
     a = _border_columns(x, plan, geometry, weight.shape[2:])
     y = a.new_empty(a.shape[0], channels)
@@ -524,18 +535,23 @@ def _columns_forward(out, x, weight, region_weight, region_bias, plan: EdgePlan,
             torch.addmm(biases[box.index], a[rows], banks[box.index].t(), out=y[rows])
     rows, cols, _ = columns.on(x.device)
     out.permute(2, 3, 0, 1)[rows, cols] = y.view(-1, n, channels)
+    return a
 
 
-def _columns_backward(grad_out, x, region_weight, plan: EdgePlan, geometry: tuple, gx, grw, grb, need_x: bool):
+def _columns_backward(
+    grad_out, x, region_weight, plan: EdgePlan, geometry: tuple, gx, grw, grb, need_x: bool, a=None
+) -> torch.Tensor | None:
     """Gradients of the border boxes of a "columns" plan: the region filters' and biases' written into their rows
-    of `grw` and `grb`, the input's added to `gx` (returned; created when None) through one scatter."""
+    of `grw` and `grb`, the input's added to `gx` (returned; created when None) through one scatter. `a`: the
+    rows the forward gathered, if it kept them (gathered again here when the filters' gradients need them)."""
     columns, (n, c, h, w) = plan.columns, x.shape
     channels = region_weight.shape[0] // len(REGIONS)
     kernel = region_weight.shape[2:]
-    a = _border_columns(x, plan, geometry, kernel)
+    if a is None and grw is not None:
+        a = _border_columns(x, plan, geometry, kernel)
     rows, cols, taps = columns.on(x.device)
     g = grad_out.permute(2, 3, 0, 1)[rows, cols].reshape(-1, channels)
-    ga = torch.empty_like(a) if need_x else None
+    ga = g.new_empty(g.shape[0], c * kernel[0] * kernel[1]) if need_x else None
     banks = region_weight.reshape(len(REGIONS), channels, -1)  # filter i as a (channels, C * kh * kw) matrix
     # The filters' gradients straight into `grw` where it is laid out as `banks` (else through one copy at the end).
     bank_grads = None if grw is None else grw.view(banks.shape) if grw.is_contiguous() else torch.empty_like(banks)

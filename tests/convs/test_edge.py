@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convs import REGIONS, EdgeConv2d
+from convs import REGIONS, EdgeConv2d, edge
 from convs.edge import GPU_COLUMNS_MAX_ELEMENTS, GPU_COLUMNS_MIN_BORDER_SHARE, INTERIOR
 from convs.geometry import side_padding
 
@@ -378,8 +378,10 @@ def saved_storages(layer, x) -> set[int]:
 
 
 @pytest.mark.parametrize("strategy", ["strips", "boxes", "columns"])
-def test_saves_only_the_input_and_the_filters(strategy):
-    """One autograd node that keeps what a plain conv keeps: no strips, patches, columns or padded copies."""
+def test_saves_only_the_input_and_the_filters(strategy, monkeypatch):
+    """One autograd node that keeps what a plain conv keeps: no strips, patches or padded copies (and "columns"
+    no rows over its limit)."""
+    monkeypatch.setattr(edge, "KEEP_ROWS_MAX_ELEMENTS", 0)
     layer = EdgeConv2d(4, 6, 3, padding=2, dilation=2)
     layer.strategy = strategy
     x = torch.randn(2, 4, 9, 10, requires_grad=True)
@@ -387,3 +389,37 @@ def test_saves_only_the_input_and_the_filters(strategy):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the bf16 input only: no bf16 copy of the 9 filters
         saved = saved_storages(layer, x)
     assert len(saved) == 1 and x.untyped_storage().data_ptr() not in saved
+
+
+def test_columns_keeps_its_small_rows_for_backward(monkeypatch):
+    """Under its limit "columns" keeps the border rows it gathered (the region filters' gradients read them), in
+    the dtype it computed them in, and only while the region filters train; the gradients are the same as when
+    backward gathers them again."""
+    torch.manual_seed(0)
+    layer = EdgeConv2d(4, 6, 3, padding=2, dilation=2)
+    layer.strategy = "columns"
+    x = torch.randn(2, 4, 9, 10, requires_grad=True)
+    plan = layer.plan(9, 10, cpu=True)
+    positions = plan.columns.starts[-1]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    rows = [t for t in saved if t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()]
+    rows = [
+        t
+        for t in rows
+        if not any(t.untyped_storage().data_ptr() == p.untyped_storage().data_ptr() for p in layer.parameters())
+    ]
+    assert [tuple(t.shape) for t in rows] == [(positions * 2, 4 * 9)]
+    kept = torch.autograd.grad(out.square().sum(), [x, layer.weight, layer.region_weight, layer.region_bias])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        saved = saved_storages(layer, x)
+    assert len(saved) == 2 and x.untyped_storage().data_ptr() not in saved  # bf16 input and bf16 rows
+    layer.region_weight.requires_grad_(False)
+    assert saved_storages(layer, x) == {x.untyped_storage().data_ptr()}
+    layer.region_weight.requires_grad_(True)
+    monkeypatch.setattr(edge, "KEEP_ROWS_MAX_ELEMENTS", positions * 4 * 9 - 1)  # one element short per image
+    assert saved_storages(layer, x) == {x.untyped_storage().data_ptr()}
+    again = torch.autograd.grad(layer(x).square().sum(), [x, layer.weight, layer.region_weight, layer.region_bias])
+    for a, b in zip(kept, again, strict=True):
+        torch.testing.assert_close(a, b)
