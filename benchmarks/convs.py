@@ -33,6 +33,7 @@ from benchmarks.common import (
     with_baseline,
 )
 from orchestrator.cli import ArgumentParser
+from orchestrator.loop import keep_freed_memory
 
 # Targets: time of a forward+backward step relative to the zero-padding model (the foundation issue's; edge's is
 # tighter since edge conv does exactly the multiply-adds of a plain conv, one filter per output position).
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_gpu_format_options(parser)
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the training loop does
     variants = with_baseline(args.variants)
     device = pick_device(args.device)
     gpu = device.type == "cuda"

@@ -22,6 +22,7 @@ from torch import nn
 import convs
 from benchmarks.common import add_gpu_format_options, describe, gpu_formats, interleaved, median, pick_device, table
 from orchestrator.cli import ArgumentParser, CliError
+from orchestrator.loop import keep_freed_memory
 from tasks import get_task
 
 STRATEGIES = ("auto", "strips", "boxes", "columns")
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     add_gpu_format_options(parser)
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the training loop does
     device = pick_device(args.device)
     gpu = device.type == "cuda"
     resnet = args.model == "resnet50"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import convs
 from benchmarks.common import describe, interleaved, median, pick_device, table, verdict, with_baseline
 from orchestrator.cli import ArgumentParser, CliError
-from orchestrator.loop import build_optimizer
+from orchestrator.loop import build_optimizer, keep_freed_memory
 from tasks import autocast, get_task
 from tasks.segmentation import overlap_stride, predict_tiled
 
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--variants", nargs="+", default=sorted(convs.VARIANTS), help="variants to measure")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the training loop does
     variants = with_baseline(args.variants)
     device = pick_device(args.device)
     gpu = device.type == "cuda"

@@ -6,6 +6,7 @@ torchvision's reference trainers: `train_one_epoch`, `evaluate`, `train`.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import itertools
 import logging
@@ -39,6 +40,29 @@ FAILURE_KEY = "failure"  # in a trial's last report and summary: why it stopped 
 LOSS_READ_EVERY = 32
 
 logger = logging.getLogger(__name__)
+
+# glibc's malloc options (malloc.h): M_TRIM_THRESHOLD, M_MMAP_MAX.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory that freed tensors leave, for the next step's tensors of the same sizes.
+
+    By default glibc gives a large block (over 128 KiB to 32 MiB, adapting) a mapping of its own and unmaps it when
+    the block is freed, and trims the heap's free top: every training step then faults its gradients and
+    activations in again, page by page. Edge conv, whose 9 filters per layer get fresh gradient buffers every step,
+    pays most: measured on a 2-core VM, its segmentation `cpu` step takes 11% less time with this (zero padding's
+    the same), and a ResNet50 step 7% less (zero padding's 5%). With no mappings and no trimming, freed memory
+    stays in the process and is reused; what the process holds stays at its peak, as with the jemalloc and tcmalloc
+    settings PyTorch's CPU tuning guide recommends. Returns whether the options were set: a no-op where the C
+    library has no `mallopt` (macOS, Windows).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) & bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 class Tracker(Protocol):
@@ -364,6 +388,7 @@ def train(
     """
     started = time.perf_counter()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    keep_freed_memory()  # before the loaders start: their worker processes inherit it
     seed_everything(cfg.seed)
     task, preset, root = prepare(cfg)
     autocast(device, preset.amp)  # refuses amp="fp16" on a CPU now, before any data is read
