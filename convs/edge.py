@@ -120,7 +120,8 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
     (`plan`, `EdgePlan`): on very large maps the interior filter runs over the whole image, as a plain conv would,
     and only the thin border strips are recomputed with their own filters; otherwise every output box is computed
     once with its own filter, so the layer does the multiply-adds of a plain conv. Forward and backward are one
-    autograd node that saves only the input and the filters, as a plain conv does. Strided, dilated, grouped and
+    autograd node that saves the input and the filters, as a plain conv does, and under "columns" the border's
+    gathered im2col rows where they are small (`KEEP_ROWS_MAX_ELEMENTS`). Strided, dilated, grouped and
     rectangular kernels all work (the thesis could not apply edge conv to dilated convolutions). With all region
     filters equal to `weight` the layer is exactly `nn.Conv2d` (the unified view, thesis section 3.4), which is how
     `from_conv` starts.
@@ -379,8 +380,9 @@ def _conv_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
 
 
 class _EdgeConv(torch.autograd.Function):
-    """All boxes of a plan as one autograd node: it saves the input and the filters only (as a plain conv does),
-    and its backward adds every box's input gradient into one buffer instead of a full-size gradient per slice."""
+    """All boxes of a plan as one autograd node: it saves the input and the filters (as a plain conv does), plus a
+    "columns" plan's small border rows, and its backward adds every box's input gradient into one buffer instead
+    of a full-size gradient per slice."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, region_weight, region_bias, plan: EdgePlan, geometry: tuple, dtype):
