@@ -69,8 +69,11 @@ class Columns(NamedTuple):
     box, a oneDNN/cuDNN conv). `rows`, `cols`: output row and column of every border position, box after box (row
     major within a box). `taps`: for every border position and kernel tap (row major), the flat index of the input
     pixel it reads in the zero-padded map (`padded` height x width, `padding` left, right, top, bottom). `starts`:
-    the first position of each border box in `rows`, then their count. `rows`, `cols` and `taps` are CPU tensors;
-    `on(device)` gives them on the input's device, copied there once (a copy per call would make the host wait).
+    the first position of each border box in `rows`, then their count. `groups`: the border boxes as pairs of
+    equal size (top and bottom, left and right, the corners two by two), or alone, each box as (its position among
+    the border boxes, its filter index): a pair's two products are one batched product. `rows`, `cols` and `taps`
+    are CPU tensors; `on(device)` gives them on the input's device, copied there once (a copy per call would make
+    the host wait).
     """
 
     first: int
@@ -78,6 +81,7 @@ class Columns(NamedTuple):
     cols: torch.Tensor
     taps: torch.Tensor
     starts: tuple[int, ...]
+    groups: tuple[tuple[tuple[int, int], ...], ...]
     padded: tuple[int, int]
     padding: tuple[int, int, int, int]
     moved: dict[torch.device, tuple[torch.Tensor, ...]]
@@ -300,7 +304,14 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
         tap_rows = r[:, None] * sh + torch.arange(kh) * dh  # padded input row of each position's kernel rows
         tap_cols = c[:, None] * sw + torch.arange(kw) * dw
         taps = (tap_rows[:, :, None] * padded[1] + tap_cols[:, None, :]).flatten()
-        return Columns(first, r, c, taps, tuple(starts), padded, (pl, pr, pt, pb), {})
+        border = [(k, box.index, starts[k + 1] - starts[k]) for k, box in enumerate(boxes[first:])]
+        groups, paired = [], set()
+        for k, index, size in border:  # each box with the next box of its size, if any
+            if k not in paired:
+                twin = next((b for b in border if b[0] > k and b[0] not in paired and b[2] == size), None)
+                groups.append(((k, index),) if twin is None else ((k, index), twin[:2]))
+                paired.update(k for k, _ in groups[-1])
+        return Columns(first, r, c, taps, tuple(starts), tuple(groups), padded, (pl, pr, pt, pb), {})
 
     def _boxes(self, height: int, width: int, cpu: bool, interior: bool) -> tuple[Box, ...]:
         """The border boxes in `REGIONS` order, or (`interior`) the interior box alone (if the map has one)."""
@@ -521,20 +532,36 @@ def _border_columns(x: torch.Tensor, plan: EdgePlan, geometry: tuple, kernel: tu
     return windows[rows, cols].reshape(-1, c * kernel[0] * kernel[1])
 
 
+def _stacked(t: torch.Tensor, starts: tuple[int, ...], group: tuple, images: int) -> torch.Tensor:
+    """The row blocks of 2-d `t` that hold the boxes of `group` (rows `starts[k] * images` up to
+    `starts[k + 1] * images` for each box k, all of one size) as one (boxes, rows, width) view."""
+    k0, k1 = group[0][0], group[-1][0]
+    rows, (s0, s1) = (starts[k0 + 1] - starts[k0]) * images, t.stride()
+    step = (starts[k1] - starts[k0]) * images * s0 or rows * s0
+    return t.as_strided((len(group), rows, t.shape[1]), (step, s0, s1), t.storage_offset() + starts[k0] * images * s0)
+
+
+def _filters(banks: torch.Tensor, group: tuple) -> torch.Tensor:
+    """The entries of `banks` (indexed by filter first) of the boxes of `group`, as one view."""
+    i0, i1 = group[0][1], group[-1][1]
+    return banks[i0 :: max(i1 - i0, 1)][: len(group)]
+
+
 def _columns_forward(out, x, weight, region_weight, region_bias, plan: EdgePlan, geometry: tuple) -> torch.Tensor:
     """Write the border boxes of a "columns" plan into `out`: one gather of their im2col rows, one matrix product
-    per box with its own filter, one scatter into the output. Returns the rows (see `_border_columns`)."""
+    per box with its own filter (two boxes of one size batched), one scatter into the output. Returns the rows
+    (see `_border_columns`)."""
     columns, n, channels = plan.columns, x.shape[0], weight.shape[0]
     a = _border_columns(x, plan, geometry, weight.shape[2:])
     y = a.new_empty(a.shape[0], channels)
     banks = region_weight.reshape(len(REGIONS), channels, -1)  # filter i as a (channels, C * kh * kw) matrix
-    biases = None if region_bias is None else region_bias.view(len(REGIONS), channels)
-    for k, box in enumerate(plan.boxes[columns.first :]):
-        rows = slice(columns.starts[k] * n, columns.starts[k + 1] * n)
+    biases = None if region_bias is None else region_bias.view(len(REGIONS), 1, channels)
+    for group in columns.groups:
+        rows, filters = _stacked(a, columns.starts, group, n), _filters(banks, group).transpose(1, 2)
         if biases is None:
-            torch.mm(a[rows], banks[box.index].t(), out=y[rows])
+            torch.bmm(rows, filters, out=_stacked(y, columns.starts, group, n))
         else:
-            torch.addmm(biases[box.index], a[rows], banks[box.index].t(), out=y[rows])
+            torch.baddbmm(_filters(biases, group), rows, filters, out=_stacked(y, columns.starts, group, n))
     rows, cols, _ = columns.on(x.device)
     out.permute(2, 3, 0, 1)[rows, cols] = y.view(-1, n, channels)
     return a
@@ -558,14 +585,14 @@ def _columns_backward(
     # The filters' gradients straight into `grw` where it is laid out as `banks` (else through one copy at the end).
     bank_grads = None if grw is None else grw.view(banks.shape) if grw.is_contiguous() else torch.empty_like(banks)
     bias_grads = None if grb is None else grb.view(len(REGIONS), channels)
-    for k, box in enumerate(plan.boxes[columns.first :]):
-        part = slice(columns.starts[k] * n, columns.starts[k + 1] * n)
+    for group in columns.groups:
+        grads = _stacked(g, columns.starts, group, n)
         if ga is not None:
-            torch.mm(g[part], banks[box.index], out=ga[part])
+            torch.bmm(grads, _filters(banks, group), out=_stacked(ga, columns.starts, group, n))
         if bank_grads is not None:
-            torch.mm(g[part].t(), a[part], out=bank_grads[box.index])
+            torch.bmm(grads.transpose(1, 2), _stacked(a, columns.starts, group, n), out=_filters(bank_grads, group))
         if bias_grads is not None:
-            torch.sum(g[part], 0, out=bias_grads[box.index])
+            torch.sum(grads, 1, out=_filters(bias_grads, group))
     if bank_grads is not None and not grw.is_contiguous():  # e.g. channels_last filters
         for box in plan.boxes[columns.first :]:
             grw[box.index * channels : (box.index + 1) * channels] = bank_grads[box.index].view(
