@@ -69,9 +69,10 @@ class Columns(NamedTuple):
     box, a oneDNN/cuDNN conv). `rows`, `cols`: output row and column of every border position, box after box (row
     major within a box). `taps`: for every border position and kernel tap (row major), the flat index of the input
     pixel it reads in the zero-padded map (`padded` height x width, `padding` left, right, top, bottom). `starts`:
-    the first position of each border box in `rows`, then their count. `groups`: the border boxes as pairs of
-    equal size (top and bottom, left and right, the corners two by two), or alone, each box as (its position among
-    the border boxes, its filter index): a pair's two products are one batched product. `rows`, `cols` and `taps`
+    the first position of each border box in `rows`, then their count. `groups`: the border boxes in pairs of
+    equal size (each with the next box of its size; on a 16 x 32 map top and bottom, left and right, the corners
+    two by two), or alone, each box as (its position among the border boxes, its filter index): a pair's two
+    products are one batched product. `rows`, `cols` and `taps`
     are CPU tensors; `on(device)` gives them on the input's device, copied there once (a copy per call would make
     the host wait).
     """

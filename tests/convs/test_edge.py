@@ -272,6 +272,10 @@ def test_auto_plan_per_border_share():
     assert small.strategy == "columns" and small.boxes[0].index == INTERIOR and small.columns.first == 1
     assert sorted((r1 - r0) * (c1 - c0) for _, (r0, r1, c0, c1), _, _ in small.boxes) == [1] * 4 + [5] * 4 + [25]
     assert small.columns.starts == (0, 1, 6, 7, 12, 17, 18, 23, 24)  # the 8 border boxes' positions, in order
+    # One batched product per pair of equal-size boxes, each box with the next of its size: (position, filter).
+    assert small.columns.groups == (((0, 0), (2, 2)), ((1, 1), (3, 3)), ((4, 4), (6, 6)), ((5, 5), (7, 7)))
+    wide = layer.plan(5, 8, cpu=True).columns  # top and bottom 6 outputs, left and right 3
+    assert wide.groups == (((0, 0), (2, 2)), ((1, 1), (6, 6)), ((3, 3), (4, 4)), ((5, 5), (7, 7)))
     assert len(small.columns.taps) == 24 * 9
     dilated = EdgeConv2d(2, 2, 3, padding=6, dilation=6).plan(4, 8, cpu=True)  # ASPP: no interior, each output once
     assert dilated.strategy == "columns" and dilated.columns.first == 0
