@@ -538,8 +538,18 @@ def _stacked(t: torch.Tensor, starts: tuple[int, ...], group: tuple, images: int
     `starts[k + 1] * images` for each box k, all of one size) as one (boxes, rows, width) view."""
     k0, k1 = group[0][0], group[-1][0]
     rows, (s0, s1) = (starts[k0 + 1] - starts[k0]) * images, t.stride()
-    step = (starts[k1] - starts[k0]) * images * s0 or rows * s0
-    return t.as_strided((len(group), rows, t.shape[1]), (step, s0, s1), t.storage_offset() + starts[k0] * images * s0)
+    if len(group) == 1:
+        return t[starts[k0] * images : starts[k0 + 1] * images].unsqueeze(0)
+    step = (starts[k1] - starts[k0]) * images * s0
+    return t[starts[k0] * images :].as_strided((len(group), rows, t.shape[1]), (step, s0, s1))
+
+
+def _groups(columns: Columns) -> tuple:
+    """`columns.groups`, or under torch.compile every box alone: inductor cannot write through the strided view of
+    a pair (an as_strided view), nor dynamo into a non-contiguous `out=`."""
+    if torch.compiler.is_compiling():
+        return tuple((box,) for group in columns.groups for box in group)
+    return columns.groups
 
 
 def _filters(banks: torch.Tensor, group: tuple) -> torch.Tensor:
@@ -557,7 +567,7 @@ def _columns_forward(out, x, weight, region_weight, region_bias, plan: EdgePlan,
     y = a.new_empty(a.shape[0], channels)
     banks = region_weight.reshape(len(REGIONS), channels, -1)  # filter i as a (channels, C * kh * kw) matrix
     biases = None if region_bias is None else region_bias.view(len(REGIONS), 1, channels)
-    for group in columns.groups:
+    for group in _groups(columns):
         rows, filters = _stacked(a, columns.starts, group, n), _filters(banks, group).transpose(1, 2)
         if biases is None:
             torch.bmm(rows, filters, out=_stacked(y, columns.starts, group, n))
@@ -586,7 +596,7 @@ def _columns_backward(
     # The filters' gradients straight into `grw` where it is laid out as `banks` (else through one copy at the end).
     bank_grads = None if grw is None else grw.view(banks.shape) if grw.is_contiguous() else torch.empty_like(banks)
     bias_grads = None if grb is None else grb.view(len(REGIONS), channels)
-    for group in columns.groups:
+    for group in _groups(columns):
         grads = _stacked(g, columns.starts, group, n)
         if ga is not None:
             torch.bmm(grads, _filters(banks, group), out=_stacked(ga, columns.starts, group, n))
