@@ -72,9 +72,8 @@ class Columns(NamedTuple):
     the first position of each border box in `rows`, then their count. `groups`: the border boxes in pairs of
     equal size (each with the next box of its size; on a 16 x 32 map top and bottom, left and right, the corners
     two by two), or alone, each box as (its position among the border boxes, its filter index): a pair's two
-    products are one batched product. `rows`, `cols` and `taps`
-    are CPU tensors; `on(device)` gives them on the input's device, copied there once (a copy per call would make
-    the host wait).
+    products are one batched product. `rows`, `cols` and `taps` are CPU tensors; `on(device)` gives them on the
+    input's device, copied there once (a copy per call would make the host wait).
     """
 
     first: int
@@ -430,8 +429,7 @@ class _EdgeConv(torch.autograd.Function):
                 shape = (x.shape[0], channels, *plan.out_size)
                 out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_conv_format(x, weight))
             rows = _columns_forward(out, x, weight, region_weight, region_bias, plan, geometry)
-            # The region filters' gradients need the rows again: keep them where they are small, as a plain
-            # conv's backward would otherwise recompute them (gathering twice costs more than the rows' memory).
+            # The region filters' gradients read the rows again: kept where small (see KEEP_ROWS_MAX_ELEMENTS).
             if ctx.needs_input_grad[3] and rows.numel() <= KEEP_ROWS_MAX_ELEMENTS * x.shape[0]:
                 saved = (*saved, rows)
         ctx.save_for_backward(*saved)
@@ -536,12 +534,12 @@ def _border_columns(x: torch.Tensor, plan: EdgePlan, geometry: tuple, kernel: tu
 def _stacked(t: torch.Tensor, starts: tuple[int, ...], group: tuple, images: int) -> torch.Tensor:
     """The row blocks of 2-d `t` that hold the boxes of `group` (rows `starts[k] * images` up to
     `starts[k + 1] * images` for each box k, all of one size) as one (boxes, rows, width) view."""
-    k0, k1 = group[0][0], group[-1][0]
-    rows, (s0, s1) = (starts[k0 + 1] - starts[k0]) * images, t.stride()
+    (k0, _), (k1, _) = group[0], group[-1]
+    first, rows = starts[k0] * images, (starts[k0 + 1] - starts[k0]) * images
     if len(group) == 1:
-        return t[starts[k0] * images : starts[k0 + 1] * images].unsqueeze(0)
-    step = (starts[k1] - starts[k0]) * images * s0
-    return t[starts[k0] * images :].as_strided((len(group), rows, t.shape[1]), (step, s0, s1))
+        return t[first : first + rows].unsqueeze(0)
+    s0, s1 = t.stride()
+    return t[first:].as_strided((2, rows, t.shape[1]), ((starts[k1] - starts[k0]) * images * s0, s0, s1))
 
 
 def _groups(columns: Columns) -> tuple:
