@@ -428,16 +428,16 @@ class _EdgeConv(torch.autograd.Function):
             if out is None:  # no interior: every output is a border one
                 shape = (x.shape[0], channels, *plan.out_size)
                 out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_conv_format(x, weight))
-            rows = _columns_forward(out, x, weight, region_weight, region_bias, plan, geometry)
+            border_rows = _columns_forward(out, x, weight, region_weight, region_bias, plan, geometry)
             # The region filters' gradients read the rows again: kept where small (see KEEP_ROWS_MAX_ELEMENTS).
-            if ctx.needs_input_grad[3] and rows.numel() <= KEEP_ROWS_MAX_ELEMENTS * x.shape[0]:
-                saved = (*saved, rows)
+            if ctx.needs_input_grad[3] and border_rows.numel() <= KEEP_ROWS_MAX_ELEMENTS * x.shape[0]:
+                saved = (*saved, border_rows)
         ctx.save_for_backward(*saved)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, region_weight, *rows = ctx.saved_tensors
+        x, weight, region_weight, *kept = ctx.saved_tensors  # `kept`: a "columns" plan's border rows, if any
         x, weight, region_weight = (_cast(t, ctx.dtype) for t in (x, weight, region_weight))
         grad_out = _cast(grad_out, ctx.dtype)
         plan, (stride, dilation, groups, _) = ctx.plan, ctx.geometry
@@ -493,7 +493,7 @@ class _EdgeConv(torch.autograd.Function):
                 if gbi is not None:
                     grb[rows] = gbi
         if columns is not None and (need_x or need_rw or need_rb):
-            gx = _columns_backward(grad_out, x, region_weight, plan, ctx.geometry, gx, grw, grb, need_x, *rows)
+            gx = _columns_backward(grad_out, x, region_weight, plan, ctx.geometry, gx, grw, grb, need_x, *kept)
         if need_x and gx is None:
             gx = torch.zeros_like(x)
         # A map without interior leaves `weight` and `bias` unused: their gradients are zero.
