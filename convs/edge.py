@@ -24,8 +24,11 @@ INTERIOR = -1  # filter index of the interior box in a plan: `weight` and `bias`
 # its cost per box is a conv call. Where the border is a tenth of the map or more (28 x 28 maps and smaller, the
 # segmentation demo's 16 x 32 and 8 x 16 maps, dilated layers), the border boxes are gathered as im2col rows and
 # multiplied by their filters, one matrix product per box ("columns"): 1.4-2x faster than "boxes" there, but it
-# copies the whole padded input, which costs more than it saves on large maps. Its im2col rows hold up to 9 times
-# the input (kernel area times), so it is left to layers whose rows stay small: the thesis model's ASPP branches
+# copies the whole padded input, which costs more than it saves on large maps. Each border box's rows and product
+# leave out the taps that read only padding for all its positions (`Columns.spans`): on ResNet50's 7 x 7 layers,
+# whose border products are bound by reading the 9.4 MB region filters, that halves them (31 -> 16 ms forward and
+# backward, the layer 54 -> 45 ms against 27 ms plain). Its im2col rows hold up to 9 times the input (kernel area
+# times), so it is left to layers whose rows stay small: the thesis model's ASPP branches
 # (2048 channels, dilation 12-36 on a 64 x 128 map) would gather over a gigabyte and keep "boxes" on the CPU.
 #
 # On a GPU (measured on an H200, cuDNN, bf16 autocast, channels_last; `benchmarks.edge_layers --device cuda`) a
@@ -67,13 +70,18 @@ class Columns(NamedTuple):
 
     `first`: the plan's boxes from this index on are the border boxes it computes (those before are the interior
     box, a oneDNN/cuDNN conv). `rows`, `cols`: output row and column of every border position, box after box (row
-    major within a box). `taps`: for every border position and kernel tap (row major), the flat index of the input
-    pixel it reads in the zero-padded map (`padded` height x width, `padding` left, right, top, bottom). `starts`:
-    the first position of each border box in `rows`, then their count. `groups`: the border boxes in pairs of
-    equal size (each with the next box of its size; on a 16 x 32 map top and bottom, left and right, the corners
-    two by two), or alone, each box as (its position among the border boxes, its filter index): a pair's two
-    products are one batched product. `rows`, `cols` and `taps` are CPU tensors; `on(device)` gives them on the
-    input's device, copied there once (a copy per call would make the host wait).
+    major within a box). `starts`: the first position of each border box in `rows`, then their count. `spans`: for
+    each border box, the kernel taps it multiplies, rows [a0, a1) x columns [b0, b1): the taps that read only
+    padding for every position of the box are left out of its rows and its product (a top strip's top kernel row,
+    a corner's two outer ones; on a GPU only where the rest stays one product, see `_chunks`). `cells`: the first
+    (position, tap) pair of each border box, then their count: box k has (starts[k + 1] - starts[k]) positions
+    times its taps. `taps`: for every border position and each tap of its box (row major within the span), the
+    flat index of the input pixel it reads in the zero-padded map (`padded` height x width, `padding` left, right,
+    top, bottom). `groups`: the border boxes in pairs of equal size and equal span shape (each with the next box
+    like it; on a 16 x 32 map top and bottom, left and right, the corners two by two), or alone, each box as (its
+    position among the border boxes, its filter index): a pair's two products are one batched product. `rows`,
+    `cols` and `taps` are CPU tensors; `on(device)` gives them on the input's device, copied there once (a copy per
+    call would make the host wait).
     """
 
     first: int
@@ -81,6 +89,8 @@ class Columns(NamedTuple):
     cols: torch.Tensor
     taps: torch.Tensor
     starts: tuple[int, ...]
+    spans: tuple[tuple[int, int, int, int], ...]
+    cells: tuple[int, ...]
     groups: tuple[tuple[tuple[int, int], ...], ...]
     padded: tuple[int, int]
     padding: tuple[int, int, int, int]
@@ -158,7 +168,8 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
             # [i * out_channels, (i + 1) * out_channels).
             shape = (len(REGIONS) * out_channels, *self.weight.shape[1:])
             factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-            self.region_weight = nn.Parameter(torch.empty(shape, **factory))
+            # channels_last: the border's matrix products read each filter tap-major, as the rows they multiply
+            self.region_weight = nn.Parameter(torch.empty(shape, **factory).to(memory_format=torch.channels_last))
             if bias:  # eq. 3.1: every region has its own bias, region i at [i * out_channels, (i + 1) * out_channels)
                 self.region_bias = nn.Parameter(torch.empty(len(REGIONS) * out_channels, **factory))
             else:
@@ -286,32 +297,56 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
             return EdgePlan(strategy, (*interior, *self._boxes(height, width, cpu, False)), (rows.out, cols.out))
         # Border boxes computed as matrix products run no oneDNN convolution and need no CPU workaround.
         boxes = (*interior, *self._boxes(height, width, False, False))
-        return EdgePlan(strategy, boxes, (rows.out, cols.out), self._columns_of(boxes, len(interior), height, width))
+        columns = self._columns_of(boxes, len(interior), height, width, cpu)
+        return EdgePlan(strategy, boxes, (rows.out, cols.out), columns)
 
-    def _columns_of(self, boxes: tuple[Box, ...], first: int, height: int, width: int) -> Columns:
+    def _columns_of(self, boxes: tuple[Box, ...], first: int, height: int, width: int, cpu: bool) -> Columns:
         """Where the border boxes `boxes[first:]` read and write (see `Columns`)."""
         (pt, pb), (pl, pr) = side_padding(self)
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        rows, cols, starts = [], [], [0]
+        row_plan, col_plan = conv_plans(self, height, width)
+        padded = (height + pt + pb, width + pl + pr)
+        rows, cols, taps, spans, starts, cells = [], [], [], [], [0], [0]
         for box in boxes[first:]:
             r0, r1, c0, c1 = box.out
+            span = (*row_plan.taps(r0, r1), *col_plan.taps(c0, c1))
+            a0, a1, b0, b1 = span
+            if not cpu and 1 < a1 - a0 and b1 - b0 < kw:  # on a GPU every tap row more is a kernel launch more
+                span = (0, kh, 0, kw)
+                a0, a1, b0, b1 = span
             r, c = torch.meshgrid(torch.arange(r0, r1), torch.arange(c0, c1), indexing="ij")
-            rows.append(r.flatten())
-            cols.append(c.flatten())
+            r, c = r.flatten(), c.flatten()
+            tap_rows = r[:, None] * sh + torch.arange(a0, a1) * dh  # padded input row of each position's tap rows
+            tap_cols = c[:, None] * sw + torch.arange(b0, b1) * dw
+            taps.append((tap_rows[:, :, None] * padded[1] + tap_cols[:, None, :]).flatten())
+            rows.append(r)
+            cols.append(c)
+            spans.append(span)
             starts.append(starts[-1] + r.numel())
-        r, c = torch.cat(rows), torch.cat(cols)
-        padded = (height + pt + pb, width + pl + pr)
-        tap_rows = r[:, None] * sh + torch.arange(kh) * dh  # padded input row of each position's kernel rows
-        tap_cols = c[:, None] * sw + torch.arange(kw) * dw
-        taps = (tap_rows[:, :, None] * padded[1] + tap_cols[:, None, :]).flatten()
-        border = [(k, box.index, starts[k + 1] - starts[k]) for k, box in enumerate(boxes[first:])]
+            cells.append(cells[-1] + r.numel() * (a1 - a0) * (b1 - b0))
+        border = [
+            (k, box.index, (starts[k + 1] - starts[k], spans[k][1] - spans[k][0], spans[k][3] - spans[k][2]))
+            for k, box in enumerate(boxes[first:])
+        ]
         groups, paired = [], set()
-        for k, index, size in border:  # each box with the next box of its size, if any
+        for k, index, shape in border:  # each box with the next box of its size and span shape, if any
             if k not in paired:
-                twin = next((b for b in border if b[0] > k and b[0] not in paired and b[2] == size), None)
+                twin = next((b for b in border if b[0] > k and b[0] not in paired and b[2] == shape), None)
                 groups.append(((k, index),) if twin is None else ((k, index), twin[:2]))
                 paired.update(k for k, _ in groups[-1])
-        return Columns(first, r, c, taps, tuple(starts), tuple(groups), padded, (pl, pr, pt, pb), {})
+        return Columns(
+            first,
+            torch.cat(rows),
+            torch.cat(cols),
+            torch.cat(taps),
+            tuple(starts),
+            tuple(spans),
+            tuple(cells),
+            tuple(groups),
+            padded,
+            (pl, pr, pt, pb),
+            {},
+        )
 
     def _boxes(self, height: int, width: int, cpu: bool, interior: bool) -> tuple[Box, ...]:
         """The border boxes in `REGIONS` order, or (`interior`) the interior box alone (if the map has one)."""
@@ -381,6 +416,16 @@ def _filter(index: int, weight: torch.Tensor, region: torch.Tensor | None, chann
     return region.narrow(0, index * channels, channels)
 
 
+def _box_filter(index: int, weight: torch.Tensor, region: torch.Tensor, channels: int, x: torch.Tensor):
+    """The filter of a box's conv, in the input's memory format: a region filter (channels_last, as
+    `region_weight` is made) is copied for a contiguous input, which oneDNN would otherwise convert to
+    channels_last, and its output with it."""
+    w = _filter(index, weight, region, channels)
+    if index != INTERIOR and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
+        return w.contiguous()
+    return w
+
+
 def _conv_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
     """The memory format of a plain conv's output: channels_last when the input or the weight is (as oneDNN and
     cuDNN choose)."""
@@ -412,7 +457,7 @@ class _EdgeConv(torch.autograd.Function):
         first = len(plan.boxes) if columns is None else columns.first
         for box in plan.boxes[:first]:
             inp, padding, _ = _box_input(x, box.window)
-            w = _filter(box.index, weight, region_weight, channels)
+            w = _box_filter(box.index, weight, region_weight, channels, x)
             b = _filter(box.index, bias, region_bias, channels) if bias is not None else None
             y = F.conv2d(inp, w, b, stride, padding, dilation, groups)
             r0, r1, c0, c1 = box.out
@@ -467,7 +512,7 @@ class _EdgeConv(torch.autograd.Function):
                 computed = _computed_width(box, stride[1], dilation[1], weight.shape[3])
                 if (k0, k1) != (0, computed):  # the CPU workaround's extra column: its gradient is zero
                     grad = F.pad(grad, (k0, computed - k1))
-            w = _filter(box.index, weight, region_weight, channels)
+            w = _box_filter(box.index, weight, region_weight, channels, x)
             mask = [need_x, need_w if interior else need_rw, (need_b if interior else need_rb) and ctx.has_bias]
             if not any(mask):
                 continue
@@ -508,7 +553,7 @@ class _EdgeConv(torch.autograd.Function):
 
 def _padded_channels_last(x: torch.Tensor, columns: Columns) -> torch.Tensor:
     """`x` zero-padded by the layer's padding, as (N, padded height, padded width, C): channels innermost, so that
-    gathering a window copies runs of channels."""
+    gathering a window copies runs of channels (and of the taps of a kernel row, for an undilated kernel)."""
     pl, _, pt, _ = columns.padding
     n, c, h, w = x.shape
     padded = x.new_zeros(n, *columns.padded, c)
@@ -516,30 +561,48 @@ def _padded_channels_last(x: torch.Tensor, columns: Columns) -> torch.Tensor:
     return padded
 
 
+def _tap_major(filters: torch.Tensor) -> torch.Tensor:
+    """(out channels, C, kh, kw) filters as (out channels, kh, kw, C), the order of the border rows: a view of
+    channels_last filters (as `region_weight` is made), a copy of others."""
+    return filters.permute(0, 2, 3, 1).contiguous()
+
+
+def _block(t: torch.Tensor, columns: Columns, k: int, images: int) -> torch.Tensor:
+    """Border box k's part of a buffer laid out like the border rows (see `_border_columns`), as (rows, tap rows,
+    tap columns * C)."""
+    (a0, a1, b0, b1), cells = columns.spans[k], columns.cells
+    part = t[cells[k] * images : cells[k + 1] * images]
+    return part.view((columns.starts[k + 1] - columns.starts[k]) * images, a1 - a0, (b1 - b0) * t.shape[-1])
+
+
 def _border_columns(x: torch.Tensor, plan: EdgePlan, geometry: tuple, kernel: tuple[int, int]) -> torch.Tensor:
-    """im2col rows of every border position of `plan`: (positions * N, C * kernel area), position-major (the
-    images of one position are consecutive rows), each row in the filter's own (C, kh, kw) order."""
+    """im2col rows of every border position of `plan`, box after box, as one flat buffer: box k is (its positions
+    * N, its taps * C), position-major (the images of one position are consecutive rows), each row tap-major (the
+    taps of its span in row-major order, channels innermost). Returned as (elements, C)."""
     columns, (stride, dilation, _, _) = plan.columns, geometry
     padded = _padded_channels_last(x, columns)
     n, _, _, c = padded.shape
     s_n, s_h, s_w, _ = padded.stride()
     windows = padded.as_strided(
-        (*plan.out_size, n, c, *kernel),
-        (s_h * stride[0], s_w * stride[1], s_n, 1, s_h * dilation[0], s_w * dilation[1]),
+        (*plan.out_size, n, *kernel, c),
+        (s_h * stride[0], s_w * stride[1], s_n, s_h * dilation[0], s_w * dilation[1], 1),
     )
-    rows, cols, _ = columns.on(x.device)
-    return windows[rows, cols].reshape(-1, c * kernel[0] * kernel[1])
+    a = padded.new_empty(columns.cells[-1] * n, c)
+    for k, box in enumerate(plan.boxes[columns.first :]):
+        (r0, r1, c0, c1), (a0, a1, b0, b1) = box.out, columns.spans[k]
+        shape = (r1 - r0, c1 - c0, n, a1 - a0, b1 - b0, c)
+        _block(a, columns, k, n).view(shape).copy_(windows[r0:r1, c0:c1, :, a0:a1, b0:b1])
+    return a
 
 
-def _stacked(t: torch.Tensor, starts: tuple[int, ...], group: tuple, images: int) -> torch.Tensor:
-    """The row blocks of 2-d `t` that hold the boxes of `group` (rows `starts[k] * images` up to
-    `starts[k + 1] * images` for each box k, all of one size) as one (boxes, rows, width) view."""
-    (k0, _), (k1, _) = group[0], group[-1]
-    first, rows = starts[k0] * images, (starts[k0 + 1] - starts[k0]) * images
-    if len(group) == 1:
-        return t[first : first + rows].unsqueeze(0)
-    s0, s1 = t.stride()
-    return t[first:].as_strided((2, rows, t.shape[1]), ((starts[k1] - starts[k0]) * images * s0, s0, s1))
+def _stack(views: list[torch.Tensor]) -> torch.Tensor:
+    """Views into one storage of equal shapes and strides, in storage order, as one view with a leading dimension
+    (a pair: the second's offset from the first as its stride)."""
+    first = views[0]
+    if len(views) == 1:
+        return first.unsqueeze(0)
+    step = views[1].storage_offset() - first.storage_offset()
+    return first.as_strided((2, *first.shape), (step, *first.stride()), first.storage_offset())
 
 
 def _groups(columns: Columns) -> tuple:
@@ -550,27 +613,82 @@ def _groups(columns: Columns) -> tuple:
     return columns.groups
 
 
-def _filters(banks: torch.Tensor, group: tuple) -> torch.Tensor:
-    """The entries of `banks` (indexed by filter first) of the boxes of `group`, as one view."""
-    i0, i1 = group[0][1], group[-1][1]
-    return banks[i0 :: max(i1 - i0, 1)][: len(group)]
+def _chunks(columns: Columns, k: int, kernel_width: int) -> list[tuple[int, int]]:
+    """The products of border box k, as ranges of its span's tap rows (relative to the span): one product where
+    the span's taps are one run of each filter's (whole kernel rows, or one row), else one per tap row (a left
+    strip's two right taps of each kernel row)."""
+    a0, a1, b0, b1 = columns.spans[k]
+    if b1 - b0 == kernel_width or a1 - a0 <= 1:
+        return [(0, a1 - a0)]
+    return [(i, i + 1) for i in range(a1 - a0)]
+
+
+def _rows(t: torch.Tensor, columns: Columns, group: tuple, images: int) -> torch.Tensor:
+    """The rows of 2-d `t` (one per border position and image) of the boxes of `group`, as (boxes, rows, width)."""
+    starts = columns.starts
+    return _stack([t[starts[k] * images : starts[k + 1] * images] for k, _ in group])
+
+
+def _taps(t: torch.Tensor, columns: Columns, group: tuple, images: int, chunk: tuple[int, int]) -> torch.Tensor:
+    """Tap rows `chunk` of the boxes of `group` in a flat buffer laid out like the border rows, as (boxes, rows,
+    taps * C)."""
+    return _stack([_block(t, columns, k, images)[:, chunk[0] : chunk[1]].flatten(1) for k, _ in group])
+
+
+def _filters(banks: torch.Tensor, columns: Columns, group: tuple, chunk: tuple[int, int]) -> torch.Tensor:
+    """Tap rows `chunk` of the spans of `group`'s filters in tap-major `banks` (regions * out channels, kh, kw,
+    C), as (boxes, out channels, taps * C)."""
+    channels = banks.shape[0] // len(REGIONS)
+    views = []
+    for k, index in group:
+        a0, _, b0, b1 = columns.spans[k]
+        bank = banks[index * channels : (index + 1) * channels]
+        views.append(bank[:, a0 + chunk[0] : a0 + chunk[1], b0:b1].flatten(1))
+    return _stack(views)
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """`out` = a @ b, batched: straight into `out` where its rows are runs (BLAS writes rows any distance apart, and
+    a pair's matrices any distance apart), else, and under torch.compile (dynamo refuses a strided `out=`),
+    through a new tensor."""
+    if out.stride(-1) == 1 and not torch.compiler.is_compiling():
+        torch.bmm(a, b, out=out)
+    else:
+        out.copy_(torch.bmm(a, b))
+
+
+def _zero_outside(grads: torch.Tensor, span: tuple[int, int, int, int]) -> None:
+    """Zero the taps of one region's tap-major filter gradient (out channels, kh, kw, C) outside `span`: they read
+    only padding."""
+    a0, a1, b0, b1 = span
+    kh, kw = grads.shape[1:3]
+    if a1 == a0 or b1 == b0:
+        grads.zero_()
+        return
+    for part in (grads[:, :a0], grads[:, a1:], grads[:, a0:a1, :b0], grads[:, a0:a1, b1:]):
+        if part.numel():
+            part.zero_()
 
 
 def _columns_forward(out, x, weight, region_weight, region_bias, plan: EdgePlan, geometry: tuple) -> torch.Tensor:
     """Write the border boxes of a "columns" plan into `out`: one gather of their im2col rows, one matrix product
-    per box with its own filter (two boxes of one size batched), one scatter into the output. Returns the rows
-    (see `_border_columns`)."""
+    per box with its own filter (two boxes alike batched), one scatter into the output. Returns the rows (see
+    `_border_columns`)."""
     columns, n, channels = plan.columns, x.shape[0], weight.shape[0]
     a = _border_columns(x, plan, geometry, weight.shape[2:])
-    y = a.new_empty(a.shape[0], channels)
-    banks = region_weight.reshape(len(REGIONS), channels, -1)  # filter i as a (channels, C * kh * kw) matrix
-    biases = None if region_bias is None else region_bias.view(len(REGIONS), 1, channels)
+    y = a.new_empty(columns.starts[-1] * n, channels)
+    banks = _tap_major(region_weight)
     for group in _groups(columns):
-        rows, filters = _stacked(a, columns.starts, group, n), _filters(banks, group).transpose(1, 2)
-        if biases is None:
-            torch.bmm(rows, filters, out=_stacked(y, columns.starts, group, n))
-        else:
-            torch.baddbmm(_filters(biases, group), rows, filters, out=_stacked(y, columns.starts, group, n))
+        ys = _rows(y, columns, group, n)
+        for i, chunk in enumerate(_chunks(columns, group[0][0], weight.shape[3])):
+            rows, filters = _taps(a, columns, group, n, chunk), _filters(banks, columns, group, chunk).transpose(1, 2)
+            if i:
+                ys.baddbmm_(rows, filters)
+            elif region_bias is None:
+                _bmm(rows, filters, ys)
+            else:
+                biases = _stack([region_bias[index * channels : (index + 1) * channels][None] for _, index in group])
+                torch.baddbmm(biases, rows, filters, out=ys)
     rows, cols, _ = columns.on(x.device)
     out.permute(2, 3, 0, 1)[rows, cols] = y.view(-1, n, channels)
     return a
@@ -580,8 +698,9 @@ def _columns_backward(
     grad_out, x, region_weight, plan: EdgePlan, geometry: tuple, gx, grw, grb, need_x: bool, a=None
 ) -> torch.Tensor | None:
     """Gradients of the border boxes of a "columns" plan: the region filters' and biases' written into their rows
-    of `grw` and `grb`, the input's added to `gx` (returned; created when None) through one scatter. `a`: the
-    rows the forward gathered, if it kept them (gathered again here when the filters' gradients need them)."""
+    of `grw` and `grb` (taps outside a box's span zero), the input's added to `gx` (returned; created when None)
+    through one scatter. `a`: the rows the forward gathered, if it kept them (gathered again here when the
+    filters' gradients need them)."""
     columns, (n, c, h, w) = plan.columns, x.shape
     channels = region_weight.shape[0] // len(REGIONS)
     kernel = region_weight.shape[2:]
@@ -589,28 +708,41 @@ def _columns_backward(
         a = _border_columns(x, plan, geometry, kernel)
     rows, cols, taps = columns.on(x.device)
     g = grad_out.permute(2, 3, 0, 1)[rows, cols].reshape(-1, channels)
-    ga = g.new_empty(g.shape[0], c * kernel[0] * kernel[1]) if need_x else None
-    banks = region_weight.reshape(len(REGIONS), channels, -1)  # filter i as a (channels, C * kh * kw) matrix
-    # The filters' gradients straight into `grw` where it is laid out as `banks` (else through one copy at the end).
-    bank_grads = None if grw is None else grw.view(banks.shape) if grw.is_contiguous() else torch.empty_like(banks)
-    bias_grads = None if grb is None else grb.view(len(REGIONS), channels)
+    ga = g.new_empty(columns.cells[-1] * n, c) if need_x else None
+    banks = _tap_major(region_weight)
+    # The filters' gradients straight into `grw` where it is channels_last (as `region_weight` is made), else
+    # through one copy at the end.
+    in_place = grw is not None and grw.is_contiguous(memory_format=torch.channels_last)
+    bank_grads = None if grw is None else grw.permute(0, 2, 3, 1) if in_place else torch.empty_like(banks)
     for group in _groups(columns):
-        grads = _stacked(g, columns.starts, group, n)
-        if ga is not None:
-            torch.bmm(grads, _filters(banks, group), out=_stacked(ga, columns.starts, group, n))
-        if bank_grads is not None:
-            torch.bmm(grads.transpose(1, 2), _stacked(a, columns.starts, group, n), out=_filters(bank_grads, group))
-        if bias_grads is not None:
-            torch.sum(grads, 1, out=_filters(bias_grads, group))
-    if bank_grads is not None and not grw.is_contiguous():  # e.g. channels_last filters
-        for box in plan.boxes[columns.first :]:
-            grw[box.index * channels : (box.index + 1) * channels] = bank_grads[box.index].view(
-                channels, *grw.shape[1:]
-            )
+        grads = _rows(g, columns, group, n)
+        for chunk in _chunks(columns, group[0][0], kernel[1]):
+            filters = _filters(banks, columns, group, chunk)
+            if ga is not None:
+                _bmm(grads, filters, _taps(ga, columns, group, n, chunk))
+            if bank_grads is not None:
+                gathered = _taps(a, columns, group, n, chunk)
+                _bmm(grads.transpose(1, 2), gathered, _filters(bank_grads, columns, group, chunk))
+        if grb is not None:
+            torch.sum(grads, 1, out=_stack([grb[index * channels : (index + 1) * channels] for _, index in group]))
+    if bank_grads is not None:
+        for k, box in enumerate(plan.boxes[columns.first :]):
+            bank = bank_grads[box.index * channels : (box.index + 1) * channels]
+            _zero_outside(bank, columns.spans[k])
+            if not in_place:
+                grw[box.index * channels : (box.index + 1) * channels] = bank.permute(0, 3, 1, 2)
     if ga is None:
         return gx
     # col2im: every (position, tap) adds its gradient row of channels into the padded input pixel it read.
-    src = ga.view(-1, n, c, kernel[0] * kernel[1]).permute(0, 3, 1, 2).reshape(-1, n, c)
+    src = ga.new_empty(columns.cells[-1], n, c)
+    for group in _groups(columns):
+        views, dests = [], []
+        for k, _ in group:
+            positions = columns.starts[k + 1] - columns.starts[k]
+            block = _block(ga, columns, k, n)
+            views.append(block.view(positions, n, -1, c).transpose(1, 2))
+            dests.append(src[columns.cells[k] : columns.cells[k + 1]].view(positions, -1, n, c))
+        _stack(dests).copy_(_stack(views))
     padded = x.new_zeros(columns.padded[0] * columns.padded[1], n, c)
     padded.index_add_(0, taps, src)
     pl, _, pt, _ = columns.padding

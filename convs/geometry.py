@@ -67,6 +67,17 @@ class AxisPlan:
         hi = max(hi, lo)
         return lo, hi, lo - first, last - hi
 
+    def taps(self, start: int, stop: int) -> tuple[int, int]:
+        """Kernel taps [lo, hi) from the first to the last that reads a pixel of the image (not padding) for some
+        output in [start, stop); (0, 0) where every window of the range lies in the padding."""
+        inside = [
+            j
+            for i in range(start, stop)
+            for j in range(self.kernel)
+            if 0 <= i * self.stride - self.pad_before + j * self.dilation < self.size
+        ]
+        return (min(inside), max(inside) + 1) if inside else (0, 0)
+
     @property
     def spans(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """Output ranges [start, stop) whose windows leave the image before it, stay inside, and leave after it.

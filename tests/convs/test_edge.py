@@ -272,11 +272,19 @@ def test_auto_plan_per_border_share():
     assert small.strategy == "columns" and small.boxes[0].index == INTERIOR and small.columns.first == 1
     assert sorted((r1 - r0) * (c1 - c0) for _, (r0, r1, c0, c1), _, _ in small.boxes) == [1] * 4 + [5] * 4 + [25]
     assert small.columns.starts == (0, 1, 6, 7, 12, 17, 18, 23, 24)  # the 8 border boxes' positions, in order
-    # One batched product per pair of equal-size boxes, each box with the next of its size: (position, filter).
-    assert small.columns.groups == (((0, 0), (2, 2)), ((1, 1), (3, 3)), ((4, 4), (6, 6)), ((5, 5), (7, 7)))
+    # Each box multiplies only the taps that read a pixel for some of its positions: a top strip the lower two
+    # kernel rows, a left strip the right two columns, the top-left corner its lower right 2 x 2 taps.
+    top, middle, bottom, left, centre, right = (1, 3), (0, 3), (0, 2), (1, 3), (0, 3), (0, 2)  # taps [a, b)
+    rows_and_cols = [(top, left), (top, centre), (top, right), (middle, left), (middle, right)]
+    rows_and_cols += [(bottom, left), (bottom, centre), (bottom, right)]
+    assert small.columns.spans == tuple((*r, *c) for r, c in rows_and_cols)
+    assert small.columns.cells == (0, 4, 34, 38, 68, 98, 102, 132, 136)  # positions x their box's taps, box after box
+    assert len(small.columns.taps) == 4 * 4 + 4 * 5 * 6
+    # One batched product per pair of boxes of equal size and span shape (each with the next one like it):
+    # (position, filter).
+    assert small.columns.groups == (((0, 0), (2, 2)), ((1, 1), (6, 6)), ((3, 3), (4, 4)), ((5, 5), (7, 7)))
     wide = layer.plan(5, 8, cpu=True).columns  # top and bottom 6 outputs, left and right 3
     assert wide.groups == (((0, 0), (2, 2)), ((1, 1), (6, 6)), ((3, 3), (4, 4)), ((5, 5), (7, 7)))
-    assert len(small.columns.taps) == 24 * 9
     dilated = EdgeConv2d(2, 2, 3, padding=6, dilation=6).plan(4, 8, cpu=True)  # ASPP: no interior, each output once
     assert dilated.strategy == "columns" and dilated.columns.first == 0
     assert sum((r1 - r0) * (c1 - c0) for _, (r0, r1, c0, c1), _, _ in dilated.boxes) == 4 * 8
@@ -295,6 +303,11 @@ def test_auto_plan_on_a_gpu():
     layer = EdgeConv2d(2, 2, 3, padding=1)
     assert layer.plan(256, 256).strategy == "columns"  # 1.6% border, tiny rows
     assert layer.plan(256, 256, cpu=True).strategy == "strips"  # the same size has its own plan on the CPU
+    # Taps left out only where the box stays one product (a launch each): the strips' outer kernel row
+    assert layer.plan(7, 7).columns.spans == ((0, 3, 0, 3), (1, 3, 0, 3), (0, 3, 0, 3)) + ((0, 3, 0, 3),) * 3 + (
+        (0, 2, 0, 3),
+        (0, 3, 0, 3),
+    )
     assert EdgeConv2d(4, 4, 3, padding=1, groups=2).plan(7, 7).strategy == "boxes"
     # 1024 channels, dilation 4 on a 64 x 128 map (thesis layer4): 18% border, 13.6M elements per image
     layer4 = EdgeConv2d(1024, 2, 3, padding=4, dilation=4)
@@ -339,20 +352,27 @@ def test_output_memory_format_is_a_plain_convs(strategy):
 
 
 @pytest.mark.parametrize("strategy", ["strips", "boxes", "columns"])
-def test_channels_last_filters_get_the_same_gradients(strategy):
-    """A layer moved to channels_last (its filters too) computes and differentiates as the contiguous one."""
+def test_filters_in_either_memory_format_get_the_same_gradients(strategy):
+    """The region filters are made channels_last (the border's products read them tap-major); the layer computes
+    and differentiates alike with every filter contiguous or every filter and the input channels_last, and each
+    gradient takes its parameter's layout (no copy when it is accumulated, and DDP's buckets expect it)."""
     torch.manual_seed(0)
     layer = EdgeConv2d(4, 6, 3, padding=1, bias=True)
     layer.strategy = strategy
-    twin = copy.deepcopy(layer).to(memory_format=torch.channels_last)
-    assert not twin.region_weight.is_contiguous()
+    assert layer.region_weight.is_contiguous(memory_format=torch.channels_last) and layer.weight.is_contiguous()
+    contiguous = copy.deepcopy(layer).to(memory_format=torch.contiguous_format)
+    cl = copy.deepcopy(layer).to(memory_format=torch.channels_last)
+    assert contiguous.region_weight.is_contiguous() and not cl.weight.is_contiguous()
     x = torch.randn(2, 4, 7, 9)
     grads = []
-    for net, inp in ((layer, x), (twin, x.to(memory_format=torch.channels_last))):
+    for net, inp in ((layer, x), (contiguous, x), (cl, x.to(memory_format=torch.channels_last))):
         out = net(inp)
         out.backward(torch.ones_like(out))
         grads.append([p.grad for p in net.parameters()])
-    for g, g_cl in zip(*grads, strict=True):
+        for p in net.parameters():
+            assert p.grad.stride() == p.stride()
+    for g, g_other, g_cl in zip(*grads, strict=True):
+        torch.testing.assert_close(g_other, g, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(g_cl, g, rtol=1e-5, atol=1e-5)
 
 
@@ -410,7 +430,8 @@ def test_columns_keeps_its_small_rows_for_backward(monkeypatch):
         out = layer(x)
     own = [x, *layer.parameters()]
     rows = [t for t in saved if not any(t.untyped_storage().data_ptr() == o.untyped_storage().data_ptr() for o in own)]
-    assert [tuple(t.shape) for t in rows] == [(positions * 2, 4 * 9)]  # border positions x images, C x kernel
+    cells = plan.columns.cells[-1]  # border positions x the taps of their box
+    assert [tuple(t.shape) for t in rows] == [(cells * 2, 4)]  # x images, C
     kept = torch.autograd.grad(out.square().sum(), [x, layer.weight, layer.region_weight, layer.region_bias])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         saved = saved_storages(layer, x)
@@ -418,7 +439,8 @@ def test_columns_keeps_its_small_rows_for_backward(monkeypatch):
     layer.region_weight.requires_grad_(False)
     assert saved_storages(layer, x) == {x.untyped_storage().data_ptr()}
     layer.region_weight.requires_grad_(True)
-    monkeypatch.setattr(edge, "KEEP_ROWS_MAX_ELEMENTS", positions * 4 * 9 - 1)  # one element short per image
+    assert positions * 9 > cells  # taps that read only padding are left out
+    monkeypatch.setattr(edge, "KEEP_ROWS_MAX_ELEMENTS", cells * 4 - 1)  # one element short per image
     assert saved_storages(layer, x) == {x.untyped_storage().data_ptr()}
     again = torch.autograd.grad(layer(x).square().sum(), [x, layer.weight, layer.region_weight, layer.region_bias])
     for a, b in zip(kept, again, strict=True):
