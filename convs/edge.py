@@ -648,10 +648,11 @@ def _filters(banks: torch.Tensor, columns: Columns, group: tuple, chunk: tuple[i
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """`out` = a @ b, batched: straight into `out` where its rows are runs (BLAS writes rows any distance apart, and
-    a pair's matrices any distance apart), else, and under torch.compile (dynamo refuses a strided `out=`),
-    through a new tensor."""
-    if out.stride(-1) == 1 and not torch.compiler.is_compiling():
+    """`out` = a @ b, batched: straight into `out` where its rows are runs (MKL's fp32 products write rows any
+    distance apart; oneDNN's bf16 ones only dense matrices; both a pair's matrices any distance apart), else, and
+    under torch.compile (dynamo refuses a strided `out=`), through a new tensor."""
+    dense = out.stride(-2) == out.shape[-1] or out.dtype == torch.float32
+    if out.stride(-1) == 1 and dense and not torch.compiler.is_compiling():
         torch.bmm(a, b, out=out)
     else:
         out.copy_(torch.bmm(a, b))
