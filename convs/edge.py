@@ -95,16 +95,38 @@ class Columns(NamedTuple):
     padded: tuple[int, int]
     padding: tuple[int, int, int, int]
     moved: dict[torch.device, tuple[torch.Tensor, ...]]
+    pixel_rows: dict[tuple[int, torch.device], torch.Tensor]
 
-    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`rows`, `cols` and `taps` on `device`."""
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rows` and `cols` on `device`."""
         if device.type == "cpu":
-            return self.rows, self.cols, self.taps
+            return self.rows, self.cols
         if torch.compiler.is_compiling():  # the graph holds them as constants; no cache to guard on
-            return tuple(t.to(device) for t in (self.rows, self.cols, self.taps))
+            return self.rows.to(device), self.cols.to(device)
         if device not in self.moved:
-            self.moved[device] = tuple(t.to(device) for t in (self.rows, self.cols, self.taps))
+            self.moved[device] = (self.rows.to(device), self.cols.to(device))
         return self.moved[device]
+
+    def pixels(self, images: int, device: torch.device) -> torch.Tensor:
+        """For every row of the border rows of `images` images (box after box, then position, image and tap of the
+        box's span; see `_border_columns`), the row of the pixel it reads in the zero-padded input seen as (images
+        * padded height * padded width, C): the border rows are one gather of those rows, and the input's gradient
+        one scatter-add into them. Built once per batch size and device."""
+        if torch.compiler.is_compiling():
+            return self._pixels(images).to(device)
+        key = (images, device)
+        if key not in self.pixel_rows:
+            self.pixel_rows[key] = self._pixels(images).to(device)
+        return self.pixel_rows[key]
+
+    def _pixels(self, images: int) -> torch.Tensor:
+        image = torch.arange(images).view(1, images, 1) * self.padded[0] * self.padded[1]
+        parts = []
+        for k, (a0, a1, b0, b1) in enumerate(self.spans):
+            positions = self.starts[k + 1] - self.starts[k]
+            taps = self.taps[self.cells[k] : self.cells[k + 1]].view(positions, 1, (a1 - a0) * (b1 - b0))
+            parts.append((taps + image).flatten())
+        return torch.cat(parts)
 
 
 class EdgePlan(NamedTuple):
@@ -346,6 +368,7 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
             padded,
             (pl, pr, pt, pb),
             {},
+            {},
         )
 
     def _boxes(self, height: int, width: int, cpu: bool, interior: bool) -> tuple[Box, ...]:
@@ -575,24 +598,12 @@ def _block(t: torch.Tensor, columns: Columns, k: int, images: int) -> torch.Tens
     return part.view((columns.starts[k + 1] - columns.starts[k]) * images, a1 - a0, (b1 - b0) * t.shape[-1])
 
 
-def _border_columns(x: torch.Tensor, plan: EdgePlan, geometry: tuple, kernel: tuple[int, int]) -> torch.Tensor:
-    """im2col rows of every border position of `plan`, box after box, as one flat buffer: box k is (its positions
-    * N, its taps * C), position-major (the images of one position are consecutive rows), each row tap-major (the
-    taps of its span in row-major order, channels innermost). Returned as (elements, C)."""
-    columns, (stride, dilation, _, _) = plan.columns, geometry
+def _border_columns(x: torch.Tensor, columns: Columns) -> torch.Tensor:
+    """im2col rows of every border position, box after box, in one gather: box k is (its positions * N, its taps *
+    C), position-major (the images of one position are consecutive rows), each row tap-major (the taps of its
+    span in row-major order, channels innermost); returned as (rows * taps, C)."""
     padded = _padded_channels_last(x, columns)
-    n, _, _, c = padded.shape
-    s_n, s_h, s_w, _ = padded.stride()
-    windows = padded.as_strided(
-        (*plan.out_size, n, *kernel, c),
-        (s_h * stride[0], s_w * stride[1], s_n, s_h * dilation[0], s_w * dilation[1], 1),
-    )
-    a = padded.new_empty(columns.cells[-1] * n, c)
-    for k, box in enumerate(plan.boxes[columns.first :]):
-        (r0, r1, c0, c1), (a0, a1, b0, b1) = box.out, columns.spans[k]
-        shape = (r1 - r0, c1 - c0, n, a1 - a0, b1 - b0, c)
-        _block(a, columns, k, n).view(shape).copy_(windows[r0:r1, c0:c1, :, a0:a1, b0:b1])
-    return a
+    return padded.view(-1, padded.shape[-1]).index_select(0, columns.pixels(x.shape[0], x.device))
 
 
 def _stack(views: list[torch.Tensor]) -> torch.Tensor:
@@ -630,21 +641,43 @@ def _rows(t: torch.Tensor, columns: Columns, group: tuple, images: int) -> torch
 
 
 def _taps(t: torch.Tensor, columns: Columns, group: tuple, images: int, chunk: tuple[int, int]) -> torch.Tensor:
-    """Tap rows `chunk` of the boxes of `group` in a flat buffer laid out like the border rows, as (boxes, rows,
-    taps * C)."""
-    return _stack([_block(t, columns, k, images)[:, chunk[0] : chunk[1]].flatten(1) for k, _ in group])
+    """Tap rows `chunk` of the boxes of `group` in a (contiguous) buffer laid out like the border rows, as (boxes,
+    rows, taps * C)."""
+    if torch.compiler.is_compiling():  # plain slices: inductor cannot write through an as_strided view
+        return _stack([_block(t, columns, k, images)[:, chunk[0] : chunk[1]].flatten(1) for k, _ in group])
+    # One view, its strides worked out here: slicing each box costs more than its product on small maps.
+    c, cells, (k0, _), (k1, _) = t.shape[-1], columns.cells, group[0], group[-1]
+    a0, a1, b0, b1 = columns.spans[k0]
+    run = (b1 - b0) * c  # one tap row of a box's row
+    rows = (columns.starts[k0 + 1] - columns.starts[k0]) * images
+    return t.as_strided(
+        (len(group), rows, (chunk[1] - chunk[0]) * run),
+        ((cells[k1] - cells[k0]) * images * c or 1, (a1 - a0) * run, 1),
+        t.storage_offset() + cells[k0] * images * c + chunk[0] * run,
+    )
 
 
 def _filters(banks: torch.Tensor, columns: Columns, group: tuple, chunk: tuple[int, int]) -> torch.Tensor:
-    """Tap rows `chunk` of the spans of `group`'s filters in tap-major `banks` (regions * out channels, kh, kw,
-    C), as (boxes, out channels, taps * C)."""
-    channels = banks.shape[0] // len(REGIONS)
-    views = []
+    """Tap rows `chunk` of the spans of `group`'s filters in (contiguous) tap-major `banks` (regions * out
+    channels, kh, kw, C), as (boxes, out channels, taps * C)."""
+    channels, kh, kw, c = banks.shape[0] // len(REGIONS), *banks.shape[1:]
+    if torch.compiler.is_compiling():  # plain slices: inductor cannot write through an as_strided view
+        views = []
+        for k, index in group:
+            a0, _, b0, b1 = columns.spans[k]
+            bank = banks[index * channels : (index + 1) * channels]
+            views.append(bank[:, a0 + chunk[0] : a0 + chunk[1], b0:b1].flatten(1))
+        return _stack(views)
+    offsets = []
     for k, index in group:
-        a0, _, b0, b1 = columns.spans[k]
-        bank = banks[index * channels : (index + 1) * channels]
-        views.append(bank[:, a0 + chunk[0] : a0 + chunk[1], b0:b1].flatten(1))
-    return _stack(views)
+        a0, _, b0, _ = columns.spans[k]
+        offsets.append(index * channels * kh * kw * c + ((a0 + chunk[0]) * kw + b0) * c)
+    _, _, b0, b1 = columns.spans[group[0][0]]
+    return banks.as_strided(
+        (len(group), channels, (chunk[1] - chunk[0]) * (b1 - b0) * c),
+        (offsets[-1] - offsets[0] or 1, kh * kw * c, 1),
+        banks.storage_offset() + offsets[0],
+    )
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
@@ -676,7 +709,7 @@ def _columns_forward(out, x, weight, region_weight, region_bias, plan: EdgePlan,
     per box with its own filter (two boxes alike batched), one scatter into the output. Returns the rows (see
     `_border_columns`)."""
     columns, n, channels = plan.columns, x.shape[0], weight.shape[0]
-    a = _border_columns(x, plan, geometry, weight.shape[2:])
+    a = _border_columns(x, columns)
     y = a.new_empty(columns.starts[-1] * n, channels)
     banks = _tap_major(region_weight)
     for group in _groups(columns):
@@ -690,7 +723,7 @@ def _columns_forward(out, x, weight, region_weight, region_bias, plan: EdgePlan,
             else:
                 biases = _stack([region_bias[index * channels : (index + 1) * channels][None] for _, index in group])
                 torch.baddbmm(biases, rows, filters, out=ys)
-    rows, cols, _ = columns.on(x.device)
+    rows, cols = columns.on(x.device)
     out.permute(2, 3, 0, 1)[rows, cols] = y.view(-1, n, channels)
     return a
 
@@ -706,8 +739,8 @@ def _columns_backward(
     channels = region_weight.shape[0] // len(REGIONS)
     kernel = region_weight.shape[2:]
     if a is None and grw is not None:
-        a = _border_columns(x, plan, geometry, kernel)
-    rows, cols, taps = columns.on(x.device)
+        a = _border_columns(x, columns)
+    rows, cols = columns.on(x.device)
     g = grad_out.permute(2, 3, 0, 1)[rows, cols].reshape(-1, channels)
     ga = g.new_empty(columns.cells[-1] * n, c) if need_x else None
     banks = _tap_major(region_weight)
@@ -734,20 +767,11 @@ def _columns_backward(
                 grw[box.index * channels : (box.index + 1) * channels] = bank.permute(0, 3, 1, 2)
     if ga is None:
         return gx
-    # col2im: every (position, tap) adds its gradient row of channels into the padded input pixel it read.
-    src = ga.new_empty(columns.cells[-1], n, c)
-    for group in _groups(columns):
-        views, dests = [], []
-        for k, _ in group:
-            positions = columns.starts[k + 1] - columns.starts[k]
-            block = _block(ga, columns, k, n)
-            views.append(block.view(positions, n, -1, c).transpose(1, 2))
-            dests.append(src[columns.cells[k] : columns.cells[k + 1]].view(positions, -1, n, c))
-        _stack(dests).copy_(_stack(views))
-    padded = x.new_zeros(columns.padded[0] * columns.padded[1], n, c)
-    padded.index_add_(0, taps, src)
+    # col2im: every (position, image, tap) adds its gradient row of channels into the padded input pixel it read.
+    padded = x.new_zeros(n * columns.padded[0] * columns.padded[1], c)
+    padded.index_add_(0, columns.pixels(n, x.device), ga)
     pl, _, pt, _ = columns.padding
-    part = padded.view(*columns.padded, n, c).permute(2, 3, 0, 1)[:, :, pt : pt + h, pl : pl + w]
+    part = padded.view(n, *columns.padded, c).permute(0, 3, 1, 2)[:, :, pt : pt + h, pl : pl + w]
     return torch.empty_like(x).copy_(part) if gx is None else gx.add_(part)
 
 

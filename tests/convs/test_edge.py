@@ -326,14 +326,22 @@ def test_auto_plan_on_a_gpu():
 
 def test_columns_index_tensors_move_to_a_device_once():
     """A "columns" plan's index tensors go to the input's device once and are reused (a copy from the host on
-    every call would make the host wait for the device); on the CPU they are the plan's own."""
+    every call would make the host wait for the device); on the CPU they are the plan's own. The rows of the
+    padded input that the border rows gather are built once per batch size and device."""
     columns = EdgeConv2d(2, 2, 3, padding=1).plan(7, 7).columns
     on_cpu = columns.on(torch.device("cpu"))
-    assert all(a is b for a, b in zip(on_cpu, (columns.rows, columns.cols, columns.taps), strict=True))
+    assert all(a is b for a, b in zip(on_cpu, (columns.rows, columns.cols), strict=True))
     meta = torch.device("meta")  # a device other than the CPU that needs no hardware
     moved = columns.on(meta)
     assert all(t.device == meta for t in moved) and columns.on(meta) is moved
-    assert [t.shape for t in moved] == [columns.rows.shape, columns.cols.shape, columns.taps.shape]
+    assert [t.shape for t in moved] == [columns.rows.shape, columns.cols.shape]
+    cpu, columns = torch.device("cpu"), EdgeConv2d(2, 2, 3, padding=1).plan(7, 7, cpu=True).columns
+    pixels = columns.pixels(3, cpu)
+    assert columns.pixels(3, cpu) is pixels and columns.pixels(3, meta).device == meta
+    assert len(pixels) == columns.cells[-1] * 3 and len(columns.pixels(2, cpu)) == columns.cells[-1] * 2
+    # Box after box, then position, image and tap: the top-left corner's one position, image 1, the first of its
+    # 4 taps (kernel row 1, column 1: the input's first pixel, row 1 and column 1 of the 9 x 9 padded map).
+    assert pixels[4].item() == 1 * 81 + 1 * 9 + 1
 
 
 @pytest.mark.parametrize("strategy", ["strips", "boxes", "columns"])
