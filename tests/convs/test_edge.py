@@ -258,6 +258,18 @@ def test_small_dilated_and_partial_maps_match_the_per_position_reference(
     assert_matches_per_position(layer, torch.randn(2, 4, height, width))
 
 
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "groups", "height", "width"), SMALL_MAPS)
+def test_large_filters_zero_their_left_out_taps_slice_by_slice(
+    kernel, stride, padding, dilation, groups, height, width, monkeypatch
+):
+    """The taps a box leaves out get zero gradients either way: one indexed write (small filters, GPUs) or, for
+    large filters on the CPU, a fill per slice (forced here by a limit of 0)."""
+    monkeypatch.setattr(edge, "ZERO_FILL_MIN_VALUES", 0)
+    layer = EdgeConv2d(4, 6, kernel, stride, padding, dilation, groups)
+    layer.strategy = "columns"
+    assert_matches_per_position(layer, torch.randn(2, 4, height, width))
+
+
 def test_auto_plan_per_border_share():
     """Auto plans on the CPU: strips for a thin frame, a conv per box for a thin border, im2col products where the
     border is a tenth of the map or more; every output once in the latter two."""
@@ -280,6 +292,8 @@ def test_auto_plan_per_border_share():
     assert small.columns.spans == tuple((*r, *c) for r, c in rows_and_cols)
     assert small.columns.cells == (0, 4, 34, 38, 68, 98, 102, 132, 136)  # positions x their box's taps, box after box
     assert len(small.columns.taps) == 4 * 4 + 4 * 5 * 6
+    left_out = small.columns.left_out.T.tolist()  # (filter, tap): 3 taps of each strip, 5 of each corner
+    assert len(left_out) == 4 * 3 + 4 * 5 and [t for f, t in left_out if f == 1] == [0, 1, 2]  # top: kernel row 0
     # One batched product per pair of boxes of equal size and span shape (each with the next one like it):
     # (position, filter).
     assert small.columns.groups == (((0, 0), (2, 2)), ((1, 1), (6, 6)), ((3, 3), (4, 4)), ((5, 5), (7, 7)))
@@ -330,11 +344,11 @@ def test_columns_index_tensors_move_to_a_device_once():
     padded input that the border rows gather are built once per batch size and device."""
     columns = EdgeConv2d(2, 2, 3, padding=1).plan(7, 7).columns
     on_cpu = columns.on(torch.device("cpu"))
-    assert all(a is b for a, b in zip(on_cpu, (columns.rows, columns.cols), strict=True))
+    assert all(a is b for a, b in zip(on_cpu, (columns.rows, columns.cols, columns.left_out), strict=True))
     meta = torch.device("meta")  # a device other than the CPU that needs no hardware
     moved = columns.on(meta)
     assert all(t.device == meta for t in moved) and columns.on(meta) is moved
-    assert [t.shape for t in moved] == [columns.rows.shape, columns.cols.shape]
+    assert [t.shape for t in moved] == [columns.rows.shape, columns.cols.shape, columns.left_out.shape]
     cpu, columns = torch.device("cpu"), EdgeConv2d(2, 2, 3, padding=1).plan(7, 7, cpu=True).columns
     pixels = columns.pixels(3, cpu)
     assert columns.pixels(3, cpu) is pixels and columns.pixels(3, meta).device == meta
