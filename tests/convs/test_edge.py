@@ -396,6 +396,11 @@ def test_filters_in_either_memory_format_get_the_same_gradients(strategy):
     for g, g_other, g_cl in zip(*grads, strict=True):
         torch.testing.assert_close(g_other, g, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(g_cl, g, rtol=1e-5, atol=1e-5)
+    # A checkpoint of contiguous filters (as earlier versions made them) loads into the channels_last layout.
+    fresh = EdgeConv2d(4, 6, 3, padding=1, bias=True)
+    fresh.load_state_dict(contiguous.state_dict())
+    assert fresh.region_weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fresh(x), layer(x))
 
 
 @pytest.mark.parametrize("strategy", ["strips", "boxes", "columns"])
