@@ -45,7 +45,7 @@ GPU_COLUMNS_MIN_BORDER_SHARE = 0.4
 GPU_COLUMNS_MAX_ELEMENTS = 2**28  # im2col elements of one image's border boxes (512 MB in bf16)
 # "columns" keeps the gathered rows for backward (the region filters' gradients read them) up to this many elements
 # per image, rather than gathering them again: on the CPU the gather and its padded copy of the input cost more
-# than the border's matrix products on the segmentation demo's maps. In ResNet50 the kept rows add about 6% to what
+# than the border's matrix products on the segmentation demo's maps. In ResNet50 the kept rows add about 4% to what
 # autograd saves; the thesis model's large ASPP rows are gathered again.
 KEEP_ROWS_MAX_ELEMENTS = COLUMNS_MAX_ELEMENTS
 # The region filters' gradients at the taps a box leaves out are zeros, written in one indexed write; on the CPU
