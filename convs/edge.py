@@ -508,7 +508,7 @@ class _EdgeConv(torch.autograd.Function):
             if out is None:  # no interior: every output is a border one
                 shape = (x.shape[0], channels, *plan.out_size)
                 out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_conv_format(x, weight))
-            border_rows = _columns_forward(out, x, weight, region_weight, region_bias, plan, geometry)
+            border_rows = _columns_forward(out, x, weight, region_weight, region_bias, plan)
             # The region filters' gradients read the rows again: kept where small (see KEEP_ROWS_MAX_ELEMENTS).
             if ctx.needs_input_grad[3] and border_rows.numel() <= KEEP_ROWS_MAX_ELEMENTS * x.shape[0]:
                 saved = (*saved, border_rows)
@@ -573,7 +573,7 @@ class _EdgeConv(torch.autograd.Function):
                 if gbi is not None:
                     grb[rows] = gbi
         if columns is not None and (need_x or need_rw or need_rb):
-            gx = _columns_backward(grad_out, x, region_weight, plan, ctx.geometry, gx, grw, grb, need_x, *kept)
+            gx = _columns_backward(grad_out, x, region_weight, plan, gx, grw, grb, need_x, *kept)
         if need_x and gx is None:
             gx = torch.zeros_like(x)
         # A map without interior leaves `weight` and `bias` unused: their gradients are zero.
@@ -714,7 +714,7 @@ def _zero_outside(grads: torch.Tensor, span: tuple[int, int, int, int]) -> None:
             part.zero_()
 
 
-def _columns_forward(out, x, weight, region_weight, region_bias, plan: EdgePlan, geometry: tuple) -> torch.Tensor:
+def _columns_forward(out, x, weight, region_weight, region_bias, plan: EdgePlan) -> torch.Tensor:
     """Write the border boxes of a "columns" plan into `out`: one gather of their im2col rows, one matrix product
     per box with its own filter (two boxes alike batched), one scatter into the output. Returns the rows (see
     `_border_columns`)."""
@@ -725,21 +725,22 @@ def _columns_forward(out, x, weight, region_weight, region_bias, plan: EdgePlan,
     for group in _groups(columns):
         ys = _rows(y, columns, group, n)
         for i, chunk in enumerate(_chunks(columns, group[0][0], weight.shape[3])):
-            rows, filters = _taps(a, columns, group, n, chunk), _filters(banks, columns, group, chunk).transpose(1, 2)
+            gathered = _taps(a, columns, group, n, chunk)
+            filters = _filters(banks, columns, group, chunk).transpose(1, 2)
             if i:
-                ys.baddbmm_(rows, filters)
+                ys.baddbmm_(gathered, filters)
             elif region_bias is None:
-                _bmm(rows, filters, ys)
+                _bmm(gathered, filters, ys)
             else:
                 biases = _stack([region_bias[index * channels : (index + 1) * channels][None] for _, index in group])
-                torch.baddbmm(biases, rows, filters, out=ys)
+                torch.baddbmm(biases, gathered, filters, out=ys)
     rows, cols, _ = columns.on(x.device)
     out.permute(2, 3, 0, 1)[rows, cols] = y.view(-1, n, channels)
     return a
 
 
 def _columns_backward(
-    grad_out, x, region_weight, plan: EdgePlan, geometry: tuple, gx, grw, grb, need_x: bool, a=None
+    grad_out, x, region_weight, plan: EdgePlan, gx, grw, grb, need_x: bool, a=None
 ) -> torch.Tensor | None:
     """Gradients of the border boxes of a "columns" plan: the region filters' and biases' written into their rows
     of `grw` and `grb` (taps outside a box's span zero), the input's added to `gx` (returned; created when None)
