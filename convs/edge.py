@@ -341,7 +341,7 @@ class EdgeConv2d(ConvReplacement, nn.Conv2d):
             r0, r1, c0, c1 = box.out
             span = (*row_plan.taps(r0, r1), *col_plan.taps(c0, c1))
             a0, a1, b0, b1 = span
-            if not cpu and 1 < a1 - a0 and b1 - b0 < kw:  # on a GPU every tap row more is a kernel launch more
+            if not cpu and not _one_product(span, kw):  # on a GPU every tap row more is a kernel launch more
                 span = (0, kh, 0, kw)
                 a0, a1, b0, b1 = span
             r, c = torch.meshgrid(torch.arange(r0, r1), torch.arange(c0, c1), indexing="ij")
@@ -636,12 +636,17 @@ def _groups(columns: Columns) -> tuple:
     return columns.groups
 
 
+def _one_product(span: tuple[int, int, int, int], kernel_width: int) -> bool:
+    """Whether a box's taps `span` are one run of each tap-major filter (whole kernel rows, or one row), so that the
+    box is one matrix product; else it takes one per tap row (a left strip's two right taps of each kernel row)."""
+    a0, a1, b0, b1 = span
+    return b1 - b0 == kernel_width or a1 - a0 <= 1
+
+
 def _chunks(columns: Columns, k: int, kernel_width: int) -> list[tuple[int, int]]:
-    """The products of border box k, as ranges of its span's tap rows (relative to the span): one product where
-    the span's taps are one run of each filter's (whole kernel rows, or one row), else one per tap row (a left
-    strip's two right taps of each kernel row)."""
-    a0, a1, b0, b1 = columns.spans[k]
-    if b1 - b0 == kernel_width or a1 - a0 <= 1:
+    """The products of border box k, as ranges of its span's tap rows (relative to the span)."""
+    a0, a1, _, _ = columns.spans[k]
+    if _one_product(columns.spans[k], kernel_width):
         return [(0, a1 - a0)]
     return [(i, i + 1) for i in range(a1 - a0)]
 
