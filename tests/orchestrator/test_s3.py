@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from mlflow.store.artifact import s3_artifact_repo
 from mlflow.tracking import MlflowClient
 
 from orchestrator import storage, sweep, tracking
@@ -169,7 +170,12 @@ def test_tune_state_and_checkpoints_land_in_the_bucket(s3_sweep):
 
 
 @pytest.mark.slow
-def test_mlflow_artifacts_land_in_the_bucket(s3_sweep):
+def test_mlflow_artifacts_land_in_the_bucket(s3_sweep, s3_env):
+    """The artifacts are in the bucket, and MLflow's client lists them. The listing runs with the environment
+    pointing at moto again (s3_env): the sweep's fixture restored it on exit. MLflow keeps its boto client for up
+    to 5 minutes, so without the variables this read passed or went to the real AWS depending on the clock; the
+    cache is emptied so that the read builds its client from the environment every time."""
+    s3_artifact_repo._cached_get_s3_client.cache_clear()
     client, experiment, children, runs = _children(s3_sweep)
     assert experiment.artifact_location == ARTIFACTS
     keys = set(s3_sweep.server.objects(prefix="mlflow/"))
