@@ -421,6 +421,8 @@ def train(
         random.setstate(resume["rng"]["python"])
         np.random.set_state(resume["rng"]["numpy"])
         torch.set_rng_state(resume["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in resume["rng"]:  # absent from older and from CPU checkpoints
+            torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
 
     own = tempfile.TemporaryDirectory() if workdir is None else None
     workdir = Path(own.name) if own else Path(workdir)
@@ -482,6 +484,8 @@ def train(
                             "python": random.getstate(),
                             "numpy": np.random.get_state(),
                             "torch": torch.get_rng_state(),
+                            # the GPU's own generator: dropout on the GPU draws from it
+                            **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                         },
                     },
                     checkpoint_dir,

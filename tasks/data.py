@@ -32,10 +32,96 @@ class LayoutError(ValueError):
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker seeding from torch's per-worker seed, so augmentation is reproducible."""
+    """DataLoader worker seeding from torch's per-worker seed (python's and numpy's RNG too). Training items get
+    their own seed besides (`SeededItems`)."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of item `index`'s random draws in `epoch` of a trial of seed `seed`: a 64-bit value from numpy's
+    SeedSequence of the three, so nearby triples give unrelated streams."""
+    return int(np.random.SeedSequence((seed, epoch, index)).generate_state(1, np.uint64)[0])
+
+
+class EpochKeys(torch.utils.data.Sampler):
+    """A sampler (of indices) or batch sampler (of lists of indices) whose indices come out as (epoch, index) keys
+    of a `SeededItems` dataset, `epoch` the one `set_epoch` gave last (forwarded to the wrapped sampler, which
+    reshuffles by it)."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.epoch
+        for item in self.sampler:
+            if isinstance(item, int | np.integer):
+                yield (epoch, int(item))
+            else:
+                yield [(epoch, int(index)) for index in item]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededItems(Dataset):
+    """`dataset` read by (epoch, index) keys (`EpochKeys`): item `index` with every random draw of its loading and
+    augmentation (torch's, python's and numpy's global RNG) seeded by `item_seed(seed, epoch, index)`.
+
+    So an item's augmentation depends on the trial's seed, the epoch and the item alone: not on the loader worker
+    that reads it, nor on the number of workers or of Ray Train workers, nor on what a worker read before. A
+    resumed trial draws exactly what the uninterrupted one would have, although its loader workers are new
+    processes (persistent workers otherwise carry their RNG state across epochs, which a restart loses: the
+    resumed epochs would repeat the first epoch's draws). In the training process itself (a loader without workers)
+    the global RNG states are put back after each item, so the loop's own draws (dropout) are untouched.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        try:
+            epoch, index = key
+        except (TypeError, ValueError):
+            raise TypeError(f"SeededItems takes (epoch, index) keys, as EpochKeys gives them; got {key!r}") from None
+        seed = item_seed(self.seed, epoch, index)
+        if torch.utils.data.get_worker_info() is not None:  # a loader worker: its own process, its own RNG
+            _seed_all(seed)
+            return self.dataset[index]
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            _seed_all(seed)
+            return self.dataset[index]
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+
+def _seed_all(seed: int) -> None:
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def training_loader(dataset: Dataset, seed: int, workers: int, *, sampler=None, batch_sampler=None, **kwargs):
+    """The DataLoader of a training set: `sampler` (with `batch_size`, `drop_last` in `kwargs`) or `batch_sampler`
+    yields indices, reshuffled by `set_epoch`; every item's random draws are seeded by (seed, epoch, index)
+    (`SeededItems`); `loader_options(workers)`."""
+    keys = {"sampler": EpochKeys(sampler)} if batch_sampler is None else {"batch_sampler": EpochKeys(batch_sampler)}
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(SeededItems(dataset, seed), generator=generator, **keys, **kwargs, **loader_options(workers))
 
 
 # Batches each loader worker keeps ready (DataLoader's prefetch_factor; its default is 2). Decoding time varies with
@@ -140,9 +226,7 @@ def sharded_loaders(
     """
     per_worker = per_worker_batch(preset, world_size)
     sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    common = dict(generator=generator, **loader_options(workers))
-    train_loader = DataLoader(train, batch_size=per_worker, sampler=sampler, drop_last=True, **common)
+    train_loader = training_loader(train, seed, workers, sampler=sampler, batch_size=per_worker, drop_last=True)
     if len(train_loader) == 0:
         raise LayoutError(
             f"{where} holds {len(train)} images, fewer than one batch of {per_worker} per worker x {world_size} "
@@ -151,13 +235,21 @@ def sharded_loaders(
     size = eval_images(len(val), preset)
     if world_size > 1 or size < len(val):
         val = Shard(val, size, rank=rank, world_size=world_size)
-    val_loader = DataLoader(val, batch_size=preset.eval_batch_size or per_worker, shuffle=False, **common)
+    generator = torch.Generator().manual_seed(seed)
+    val_loader = DataLoader(
+        val,
+        batch_size=preset.eval_batch_size or per_worker,
+        shuffle=False,
+        generator=generator,
+        **loader_options(workers),
+    )
     return train_loader, val_loader
 
 
 def unsharded(dataset: Dataset) -> Dataset:
-    """The dataset a `Shard` (or any Subset) was cut from, for what the whole split knows (its class names)."""
-    return unsharded(dataset.dataset) if isinstance(dataset, Subset) else dataset
+    """The dataset a `Shard` (or any Subset) was cut from, or a training loader's `SeededItems` read, for what the
+    whole split knows (its class names, its files)."""
+    return unsharded(dataset.dataset) if isinstance(dataset, Subset | SeededItems) else dataset
 
 
 def reads_shard(loader: DataLoader) -> bool:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..data import LayoutError, default_cache_dir, loader_options, per_worker_batch, shard
+from ..data import LayoutError, default_cache_dir, loader_options, per_worker_batch, shard, training_loader
 from ..evaluation import Evaluation
 from ..preset import PresetError
 from ..published import Published
@@ -107,8 +107,7 @@ class HotelsTask:
             raise
         except ValueError as error:  # too few usable hotels: the data, not the recipe
             raise LayoutError(f"{root}/images/train: {error}") from None
-        generator = torch.Generator().manual_seed(seed)
-        train_loader = DataLoader(train, batch_sampler=sampler, generator=generator, **loader_options(workers))
+        train_loader = training_loader(train, seed, workers, batch_sampler=sampler)
         eval_batch = preset.eval_batch_size or per_worker
 
         def loader(dataset: Dataset) -> DataLoader:

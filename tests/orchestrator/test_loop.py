@@ -36,7 +36,7 @@ def config(cache, **kw):
         seed=kw.pop("seed", 0),
         preset="smoke",
         cache_dir=cache,
-        loader_workers=0,
+        loader_workers=kw.pop("loader_workers", 0),
         **kw,
     )
 
@@ -72,6 +72,26 @@ def test_report_checkpoints_and_resume(cache, tmp_path):
     assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2, 3]
     for a, b in zip(resumed["history"], full["history"], strict=True):
         assert a["val/top1"] == pytest.approx(b["val/top1"]) and a["train/loss"] == pytest.approx(b["train/loss"])
+
+
+def test_resume_with_loader_workers_redoes_the_epochs_exactly(cache, tmp_path):
+    """Real trials read through loader worker processes, which a resumed trial starts anew: its epochs still draw
+    the uninterrupted trial's augmentations (each item seeded by seed, epoch and index), and 0 or 2 workers train
+    alike. (Before, the new workers' RNG restarted: the resumed epochs repeated the first epoch's draws.)"""
+    reports = []
+
+    def report(metrics, folder):
+        reports.append(torch.load(folder / CHECKPOINT_FILE, weights_only=False))
+
+    full = train(config(cache, seed=3, loader_workers=2), report=report, workdir=tmp_path)
+    resumed = train(config(cache, seed=3, loader_workers=2), resume=reports[1])
+    alone = train(config(cache, seed=3))
+
+    def losses(run):
+        return [h["train/loss"] for h in run["history"]]
+
+    assert losses(resumed) == pytest.approx(losses(full), rel=1e-6)
+    assert losses(alone) == pytest.approx(losses(full), rel=1e-6)
 
 
 class RecordingTracker:

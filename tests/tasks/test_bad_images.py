@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tasks import ensure_synthetic, get_task, images
+from tasks.data import unsharded
 from tasks.images import CorruptImageError
 
 TASKS = ("classification", "segmentation", "hotels")
@@ -56,10 +57,9 @@ def copy_of(name: str, cache: Path, tmp_path: Path) -> Path:
 
 
 def first_batch(name: str, loader) -> list[int]:
-    """The dataset indices of the first batch `loader` yields this epoch."""
-    if name == "hotels":
-        return next(iter(loader.batch_sampler))
-    return list(loader.sampler)[: loader.batch_size]
+    """The dataset indices of the first batch `loader` yields this epoch (its sampler gives (epoch, index) keys)."""
+    keys = next(iter(loader.batch_sampler)) if name == "hotels" else list(loader.sampler)[: loader.batch_size]
+    return [index for _, index in keys]
 
 
 def files(name: str, dataset, index: int) -> tuple[Path, Path | None]:
@@ -83,7 +83,7 @@ def garble(path: Path) -> None:
 def damage(name: str, loader) -> list[Path]:
     """Damage files of the first batch, in batch order: a cut image (segmentation: a cut label first), a garbled
     image. Returns the damaged files, in that order."""
-    dataset, batch = loader.dataset, first_batch(name, loader)
+    dataset, batch = unsharded(loader.dataset), first_batch(name, loader)
     assert len(set(batch)) == len(batch)
     damaged = []
     if name == "segmentation":
@@ -150,7 +150,7 @@ def test_skip_runs_the_epoch_with_full_batches_and_names_each_damaged_file_once(
         assert sum(f"damaged image {path} (" in message for message in warned) == 1, path
     assert len(warned) == len(damaged)
     if name == "classification":  # a damaged image's place goes to another of its class
-        assert batches[0][0].tolist() == [ranks[0].dataset.targets[i] for i in first]
+        assert batches[0][0].tolist() == [unsharded(ranks[0].dataset).targets[i] for i in first]
     if name == "hotels":  # ... of its hotel: the batches keep their hotels x images shape
         for targets in batches[0] + batches[1]:
             counts = torch.unique(targets, return_counts=True)[1].tolist()
@@ -184,7 +184,7 @@ def test_classification_without_meta_bin_handles_damaged_files_alike(cache, tmp_
     root = copy_of("classification", cache, tmp_path)
     (root / "meta.bin").unlink()
     train, _ = build("classification", root, "skip")
-    assert type(train.dataset).__name__ == "ImageFolder"
+    assert type(unsharded(train.dataset)).__name__ == "ImageFolder"
     damaged = damage("classification", train)
     with caplog.at_level(logging.WARNING, logger="tasks.images"):
         assert sum(len(targets) for _, targets in train) == len(train) * train.batch_size

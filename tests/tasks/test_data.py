@@ -1,14 +1,26 @@
 """Shared data plumbing: the synthetic stand-in is generated once, atomically, and a split too small is reported."""
 
 import logging
+import random
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 import tasks
+from orchestrator import loop
 from tasks import LayoutError, PresetError, ensure_synthetic, get_task
-from tasks.data import MAX_WORKERS_PER_GPU, PREFETCH_FACTOR, loader_options, loader_workers_per_gpu, shard
+from tasks.data import (
+    MAX_WORKERS_PER_GPU,
+    PREFETCH_FACTOR,
+    EpochKeys,
+    SeededItems,
+    loader_options,
+    loader_workers_per_gpu,
+    shard,
+    unsharded,
+)
 
 
 @pytest.mark.parametrize("name", sorted(tasks.TASKS))
@@ -111,3 +123,65 @@ def test_the_task_loaders_take_the_shared_options(name, tmp_path, monkeypatch):
     assert train.persistent_workers
     # hotels: five evaluation loaders, whose idle workers would outnumber the training loader's
     assert all(loader.persistent_workers == (name != "hotels") for loader in evaluation)
+
+
+@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+def test_training_items_are_drawn_by_seed_epoch_and_index_whatever_the_workers(name, tmp_path):
+    """A training item's random crop, flip (hotels: the pasted occluder) come from (seed, epoch, index) alone: the
+    same batches with 0 and 2 loader workers, and a new draw each epoch; so a resumed trial's new worker
+    processes draw what the uninterrupted trial's did (tests/orchestrator/test_loop.py)."""
+    task = get_task(name)
+    preset = task.presets["smoke"]
+    root = ensure_synthetic(task, preset, tmp_path)
+
+    def first_batches(workers: int, epoch: int) -> list:
+        train, _ = task.build_loaders(root, preset, rank=0, world_size=1, seed=7, workers=workers)
+        loop.set_epoch(train, epoch)
+        batches = []
+        for inputs, _ in train:
+            batches.append(inputs[0] if isinstance(inputs, list | tuple) else inputs)  # hotels: (images, masks)
+            if len(batches) == 2:
+                return batches
+
+    alone, pooled = first_batches(0, 1), first_batches(2, 1)
+    assert all(torch.equal(a, b) for a, b in zip(alone, pooled, strict=True))
+    train, _ = task.build_loaders(root, preset, rank=0, world_size=1, seed=7, workers=0)
+    items = train.dataset
+    assert isinstance(items, SeededItems) and unsharded(items) is items.dataset
+    image = lambda item: item[0][0] if isinstance(item[0], list | tuple) else item[0]  # noqa: E731
+    assert torch.equal(image(items[(3, 5)]), image(items[(3, 5)]))
+    # The next epoch draws anew, and so does another seed (some draws are coin flips: among 8 items, some differ).
+    other_seed = SeededItems(items.dataset, 8)
+    assert any(not torch.equal(image(items[(3, i)]), image(items[(4, i)])) for i in range(8))
+    assert any(not torch.equal(image(items[(3, i)]), image(other_seed[(3, i)])) for i in range(8))
+
+
+def test_seeded_items_leave_the_training_process_rng_alone_and_refuse_bare_indices():
+    """Read in the training process (no loader workers), an item's seeding must not reset the loop's own draws."""
+
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, index):
+            return torch.rand(()).item(), random.random(), np.random.rand()
+
+    items = SeededItems(Draws(), seed=1)
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    expected = torch.rand(()).item(), random.random(), np.random.rand()
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    first = items[(0, 2)]
+    assert (torch.rand(()).item(), random.random(), np.random.rand()) == expected
+    assert items[(0, 2)] == first and items[(1, 2)] != first and items[(0, 3)] != first
+    with pytest.raises(TypeError, match=r"SeededItems takes \(epoch, index\) keys, as EpochKeys gives them; got 2"):
+        items[2]
+
+
+def test_epoch_keys_tag_indices_and_batches_with_the_epoch():
+    sampler = torch.utils.data.DistributedSampler(range(8), num_replicas=2, rank=1, shuffle=True, seed=0)
+    keys = EpochKeys(sampler)
+    keys.set_epoch(3)
+    assert sampler.epoch == 3 and len(keys) == 4
+    assert list(keys) == [(3, i) for i in sampler]
+    batches = EpochKeys([[1, 2], np.array([3, 4])])
+    assert list(batches) == [[(0, 1), (0, 2)], [(0, 3), (0, 4)]]

@@ -209,7 +209,7 @@ def test_colour_jitter_and_blur_change_the_image_never_the_labels(options):
 def test_the_loader_takes_the_nvidia_augmentations_from_the_preset(task, root):
     preset = task.presets["smoke"].updated(class_uniform=0.5, color_jitter=0.25, gaussian_blur=True, image_size=16)
     train, _ = task.build_loaders(root, preset, rank=0, world_size=1, seed=0, workers=0)
-    transform = train.dataset.transforms
+    transform = train.dataset.dataset.transforms  # the training set, read through SeededItems
     assert (transform.class_uniform, transform.color_jitter, transform.gaussian_blur) == (0.5, 0.25, True)
     images, labels = next(iter(train))
     assert images.shape == (preset.batch_size, 3, 16, 16) and labels.shape == (preset.batch_size, 16, 16)
