@@ -235,7 +235,7 @@ def sharded_loaders(
     size = eval_images(len(val), preset)
     if world_size > 1 or size < len(val):
         val = Shard(val, size, rank=rank, world_size=world_size)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the workers' base seed, not drawn from the global RNG
     val_loader = DataLoader(
         val,
         batch_size=preset.eval_batch_size or per_worker,

@@ -148,7 +148,10 @@ def test_training_items_are_drawn_by_seed_epoch_and_index_whatever_the_workers(n
     train, _ = task.build_loaders(root, preset, rank=0, world_size=1, seed=7, workers=0)
     items = train.dataset
     assert isinstance(items, SeededItems) and unsharded(items) is items.dataset
-    image = lambda item: item[0][0] if isinstance(item[0], list | tuple) else item[0]  # noqa: E731
+
+    def image(item):
+        return item[0][0] if isinstance(item[0], list | tuple) else item[0]  # hotels: ((image, mask), target)
+
     assert torch.equal(image(items[(3, 5)]), image(items[(3, 5)]))
     # The next epoch draws anew, and so does another seed (some draws are coin flips: among 8 items, some differ).
     other_seed = SeededItems(items.dataset, 8)
