@@ -95,18 +95,17 @@ class SeededItems(Dataset):
             epoch, index = key
         except (TypeError, ValueError):
             raise TypeError(f"SeededItems takes (epoch, index) keys, as EpochKeys gives them; got {key!r}") from None
-        seed = item_seed(self.seed, epoch, index)
-        if torch.utils.data.get_worker_info() is not None:  # a loader worker: its own process, its own RNG
-            _seed_all(seed)
-            return self.dataset[index]
-        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        # A loader worker is a process of its own, whose RNG only items use; the training process's is put back.
+        in_worker = torch.utils.data.get_worker_info() is not None
+        states = None if in_worker else (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        _seed_all(item_seed(self.seed, epoch, index))
         try:
-            _seed_all(seed)
             return self.dataset[index]
         finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch.set_rng_state(states[2])
+            if states is not None:
+                random.setstate(states[0])
+                np.random.set_state(states[1])
+                torch.set_rng_state(states[2])
 
 
 def _seed_all(seed: int) -> None:
