@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from convs import PartialConv2d
+from convs.partial import Strips
 
 SHAPE = (2, 13, 11)  # batch, height, width: odd and non-square on purpose
 
@@ -104,17 +105,35 @@ def test_unified_view_ratio_one_is_conv(geometry):
     sel = ratio_is_one.expand_as(plain) & interior
     torch.testing.assert_close(layer(x)[sel], plain[sel], rtol=1e-6, atol=1e-6)
     # Forcing the ratio to 1 everywhere turns the whole layer into the plain conv.
-    layer._strips = lambda *args: ([], [], [], [])
+    identity = torch.ones(*layer(x).shape[-2:])
+    layer._strips = lambda *args: Strips([], [], [], [], identity, torch.zeros_like(identity))
     torch.testing.assert_close(layer(x), plain)
 
 
 def test_padding_ratio_only_touches_border_strips():
     layer = PartialConv2d(2, 2, 3, padding=1)
-    row_strips, col_strips, dead_rows, dead_cols = layer._strips(32, 40, torch.device("cpu"), torch.float32)
+    row_strips, col_strips, dead_rows, dead_cols, ratio, _ = layer._strips(32, 40, torch.device("cpu"), torch.float32)
     assert [(a, b) for a, b, _ in row_strips] == [(0, 1), (31, 32)]
     assert [(a, b) for a, b, _ in col_strips] == [(0, 1), (39, 40)]
+    assert ratio[1:-1, 1:-1].eq(1).all() and ratio[0, 0].item() == 2.25  # the whole map, for backward
     assert dead_rows == dead_cols == []
     assert row_strips[0][2].flatten().tolist() == [1.5]
+
+
+def test_padding_mode_backward_is_one_node_that_leaves_the_incoming_gradient_alone():
+    # One node re-weights the border strips (autograd's own record of the in-place strip edits copied the whole
+    # output gradient once per strip); the gradient handed to it can be shared with another branch, as a residual
+    # sum shares it, so it must come out unchanged.
+    layer = PartialConv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 9, 7, requires_grad=True)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "_PaddingRatioBackward"
+    inputs = [type(f).__name__ for f, _ in out.grad_fn.next_functions if f is not None]
+    assert inputs == ["ConvolutionBackward0", "AccumulateGrad"]  # the conv, and the bias's share on the strips
+    g = torch.randn_like(out)
+    kept = g.clone()
+    torch.autograd.grad(out, [x, layer.weight, layer.bias], g)
+    assert torch.equal(g, kept)
 
 
 def test_cache_never_serves_a_stale_ratio():
