@@ -13,14 +13,14 @@ from .masks import active_flow, check_mask
 from .policy import ConvReplacement
 
 
-def _ratios(plan: AxisPlan) -> torch.Tensor:
-    """window / valid taps of every output position of one axis (0 where no tap is valid), in float64."""
-    return torch.tensor([plan.kernel / v if v else 0.0 for v in plan.valid], dtype=torch.float64)
+def _ratios(plan: AxisPlan) -> list[float]:
+    """window / valid taps of every output position of one axis (0 where no tap is valid)."""
+    return [plan.kernel / v if v else 0.0 for v in plan.valid]
 
 
 def _ratio_strips(plan: AxisPlan) -> tuple[list[tuple[int, int, list[float]]], list[tuple[int, int]]]:
     """Border strips of one axis where the ratio differs from 1, and the runs of positions with no valid tap."""
-    ratio = [plan.kernel / v if v else 0.0 for v in plan.valid]
+    ratio = _ratios(plan)
     before, _, after = plan.spans
     strips = [(a, b, ratio[a:b]) for a, b in (before, after) if b > a]
     dead: list[tuple[int, int]] = []
@@ -53,7 +53,7 @@ def _reweight(out: torch.Tensor, bias: torch.Tensor | None, strips: Strips) -> t
     """`out * r + b * (1 - r)` on the border strips of a conv's output `out` (which includes the bias `b`), in
     place, and 0 where a window has no valid pixel. r is separable, r = r_h * r_w, so re-weighting rows then
     columns gives (raw - b) * r + b in the corners too."""
-    b = None if bias is None else bias.view(1, -1, 1, 1).to(out.dtype)
+    b = None if bias is None else bias.view(1, -1, 1, 1)
     for a, e, r in strips.rows:
         part = out[:, :, a:e]
         part.mul_(r) if b is None else part.mul_(r).add_(b * (1 - r))
@@ -203,7 +203,7 @@ class PartialConv2d(ConvReplacement, nn.Conv2d):
         col_strips, dead_cols = _ratio_strips(cols)
         # The whole map for backward: r = r_h * r_w (0 where a window has no valid pixel), and the bias's share 1 - r
         # where the output is not forced to 0.
-        ratio = torch.outer(_ratios(rows), _ratios(cols))
+        ratio = torch.outer(*(torch.tensor(_ratios(axis), dtype=torch.float64) for axis in (rows, cols)))
         bias_share = torch.where(ratio > 0, 1 - ratio, torch.zeros_like(ratio))
         return Strips(
             [(a, b, torch.tensor(r, device=device, dtype=dtype).view(1, 1, -1, 1)) for a, b, r in row_strips],
