@@ -38,7 +38,7 @@ class Strips(NamedTuple):
 
     `rows`, `cols`: the border strips (start, stop, ratio shaped to broadcast along that axis) where r != 1.
     `dead_rows`, `dead_cols`: runs of positions whose windows have no valid tap (output 0). `ratio`: the whole
-    (H_out, W_out) map r = r_h * r_w, 0 on dead positions; `bias_share`: 1 - r, 0 on dead positions (backward).
+    (H_out, W_out) map r = r_h * r_w, 0 on dead positions (backward reads it).
     """
 
     rows: list[tuple[int, int, torch.Tensor]]
@@ -46,7 +46,6 @@ class Strips(NamedTuple):
     dead_rows: list[tuple[int, int]]
     dead_cols: list[tuple[int, int]]
     ratio: torch.Tensor
-    bias_share: torch.Tensor
 
 
 def _reweight(out: torch.Tensor, bias: torch.Tensor | None, strips: Strips) -> torch.Tensor:
@@ -86,14 +85,15 @@ class _PaddingRatio(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ratio, bias_share = ctx.strips.ratio, ctx.strips.bias_share
+        ratio = ctx.strips.ratio
         # One pass over the gradient with the whole ratio map (r, 1 inside, 0 where a window has no valid pixel):
         # the incoming gradient may be shared (a residual sum hands it to both branches), so it is not edited.
         g = grad * ratio
         gb = None
         if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:  # the bias's share b * (1 - r), 0 where dead
             wide = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype  # summed in fp32
-            gb = torch.einsum("nchw,hw->c", grad.to(wide), bias_share.to(wide)).to(ctx.bias_dtype)
+            share = torch.where(ratio > 0, 1 - ratio, 0).to(wide)
+            gb = torch.einsum("nchw,hw->c", grad.to(wide), share).to(ctx.bias_dtype)
         return g, gb, None
 
 
@@ -201,17 +201,14 @@ class PartialConv2d(ConvReplacement, nn.Conv2d):
         rows, cols = conv_plans(self, height, width)
         row_strips, dead_rows = _ratio_strips(rows)
         col_strips, dead_cols = _ratio_strips(cols)
-        # The whole map for backward: r = r_h * r_w (0 where a window has no valid pixel), and the bias's share 1 - r
-        # where the output is not forced to 0.
+        # The whole map for backward: r = r_h * r_w, 0 where a window has no valid pixel.
         ratio = torch.outer(*(torch.tensor(_ratios(axis), dtype=torch.float64) for axis in (rows, cols)))
-        bias_share = torch.where(ratio > 0, 1 - ratio, torch.zeros_like(ratio))
         return Strips(
             [(a, b, torch.tensor(r, device=device, dtype=dtype).view(1, 1, -1, 1)) for a, b, r in row_strips],
             [(a, b, torch.tensor(r, device=device, dtype=dtype).view(1, 1, 1, -1)) for a, b, r in col_strips],
             dead_rows,
             dead_cols,
             ratio.to(device=device, dtype=dtype),
-            bias_share.to(device=device, dtype=dtype),
         )
 
     def _forward_padding(self, x: torch.Tensor) -> torch.Tensor:

@@ -106,13 +106,13 @@ def test_unified_view_ratio_one_is_conv(geometry):
     torch.testing.assert_close(layer(x)[sel], plain[sel], rtol=1e-6, atol=1e-6)
     # Forcing the ratio to 1 everywhere turns the whole layer into the plain conv.
     identity = torch.ones(*layer(x).shape[-2:])
-    layer._strips = lambda *args: Strips([], [], [], [], identity, torch.zeros_like(identity))
+    layer._strips = lambda *args: Strips([], [], [], [], identity)
     torch.testing.assert_close(layer(x), plain)
 
 
 def test_padding_ratio_only_touches_border_strips():
     layer = PartialConv2d(2, 2, 3, padding=1)
-    row_strips, col_strips, dead_rows, dead_cols, ratio, _ = layer._strips(32, 40, torch.device("cpu"), torch.float32)
+    row_strips, col_strips, dead_rows, dead_cols, ratio = layer._strips(32, 40, torch.device("cpu"), torch.float32)
     assert [(a, b) for a, b, _ in row_strips] == [(0, 1), (31, 32)]
     assert [(a, b) for a, b, _ in col_strips] == [(0, 1), (39, 40)]
     assert ratio[1:-1, 1:-1].eq(1).all() and ratio[0, 0].item() == 2.25  # the whole map, for backward
